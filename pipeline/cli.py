@@ -1,0 +1,83 @@
+"""What every stage's command line shares: option types, logging, and clean errors."""
+
+import argparse
+import functools
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline")
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = _number(text, float)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
+    return value
+
+
+def sha256_hex(text: str) -> str:
+    text = text.strip().lower()
+    if text and not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise argparse.ArgumentTypeError(f"must be 64 hexadecimal digits or empty, got {text!r}")
+    return text
+
+
+def _number(text: str, kind: type) -> int | float:
+    """Parse a number; MLproject has no int type, so "64.0" is accepted as the int 64."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    if kind is int:
+        if not value.is_integer():
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text}")
+        return int(value)
+    return value
+
+
+def parser(stage: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog=f"python -m pipeline.{stage}",
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+
+def entry_point(main: Callable[[list[str] | None], object]) -> Callable[[list[str] | None], None]:
+    """Run a stage's main: log to stderr, turn PipelineError into one line and exit 2."""
+
+    @functools.wraps(main)
+    def wrapped(argv: list[str] | None = None) -> None:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            main(argv)
+        except PipelineError as error:
+            log.error("%s", error)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            log.error("interrupted; the MLflow run is marked KILLED")
+            sys.exit(130)
+
+    return wrapped

@@ -1,0 +1,151 @@
+"""MLflow plumbing shared by the stages: runs, tags, upstream look-ups, artifacts."""
+
+import contextlib
+import logging
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Run, RunStatus
+from mlflow.exceptions import MlflowException
+
+from pipeline import config
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def configure() -> None:
+    """Point MLflow at $MLFLOW_TRACKING_URI, or SQLite in the working directory."""
+    mlflow.set_tracking_uri(config.tracking_uri())
+
+
+def code_version() -> dict[str, str]:
+    """Tags naming the git commit of the pipeline's code and whether it had local edits."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=_PACKAGE_DIR, capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {config.COMMIT_TAG: "unknown", config.DIRTY_TAG: "unknown"}
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    return {config.COMMIT_TAG: commit, config.DIRTY_TAG: str(bool(dirty)).lower()}
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Mapping[str, Any]) -> Iterator[Run]:
+    """Open the MLflow run of one stage, tagged with the stage and the code version.
+
+    Under `mlflow run` this resumes the run MLflow created for the entry point;
+    otherwise it starts a new run in the project's experiment. The run ends
+    FAILED on an error and KILLED on Ctrl-C, so no run is left RUNNING.
+    """
+    configure()
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(config.experiment_name())
+    run = mlflow.start_run()
+    try:
+        mlflow.set_tags({config.STAGE_TAG: stage, **code_version()})
+        log_new_params(run, params)
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    else:
+        mlflow.end_run()
+
+
+def log_new_params(run: Run, params: Mapping[str, Any]) -> None:
+    """Log params that the run does not have yet.
+
+    `mlflow run` already logged the entry point's params as typed on the command
+    line ("0.15" vs ".15"); MLflow refuses to change a logged param.
+    """
+    logged = mlflow.get_run(run.info.run_id).data.params
+    new = {key: value for key, value in params.items() if key not in logged}
+    if new:
+        mlflow.log_params({key: "" if value is None else value for key, value in new.items()})
+
+
+def find_run(stage: str, run_id: str | None) -> Run:
+    """The finished run of `stage` with this id, or the latest one when `run_id` is empty.
+
+    Raises PipelineError when the id is unknown, belongs to another stage or did not
+    finish, or when the experiment has no finished run of `stage`.
+    """
+    configure()
+    if run_id:
+        return _check_run(stage, run_id)
+    experiment = _current_experiment_id()
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment],
+        filter_string=f"tags.`{config.STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    if not runs:
+        raise PipelineError(
+            f"no finished {stage} run in experiment {experiment}; "
+            f"run `mlflow run . -e {stage}` first or pass its run id"
+        )
+    return runs[0]
+
+
+def _check_run(stage: str, run_id: str) -> Run:
+    try:
+        run = mlflow.get_run(run_id)
+    except MlflowException:
+        raise PipelineError(f"run id {run_id!r} does not exist in {config.tracking_uri()}") from None
+    actual = run.data.tags.get(config.STAGE_TAG)
+    if actual != stage:
+        raise PipelineError(f"run {run_id} is a {actual or 'non-pipeline'} run, not a {stage} run")
+    if run.info.status != "FINISHED":
+        raise PipelineError(f"{stage} run {run_id} is {run.info.status}, not FINISHED; re-run it")
+    return run
+
+
+def _current_experiment_id() -> str:
+    active = mlflow.active_run()
+    if active:
+        return active.info.experiment_id
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    experiment = mlflow.get_experiment_by_name(config.experiment_name())
+    if experiment is None:
+        raise PipelineError(
+            f"experiment {config.experiment_name()!r} does not exist in {config.tracking_uri()}; "
+            "run the ingest stage first"
+        )
+    return experiment.experiment_id
+
+
+def download(run: Run, artifact_path: str) -> Path:
+    """Download one artifact (file or folder) of `run` into a fresh temporary folder."""
+    target = tempfile.mkdtemp(prefix=f"{run.info.run_id[:8]}-")
+    try:
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id, artifact_path=artifact_path, dst_path=target
+            )
+        )
+    except (MlflowException, OSError) as error:
+        raise PipelineError(
+            f"run {run.info.run_id} has no readable artifact {artifact_path!r} ({error})"
+        ) from None

@@ -1,0 +1,237 @@
+"""Ingest: layouts, labels, bad files, the split, and the outputs."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_tree, make_zip, photo_bytes
+from PIL import Image
+
+from pipeline import config, images, ingest
+from pipeline.errors import PipelineError
+
+
+def run(source, tmp_path, **options):
+    return ingest.run(str(source), tmp_path / "out", data_dir=tmp_path / "cache", **options)
+
+
+@pytest.mark.parametrize("layout", ["archive", "folders", "flat"])
+def test_every_layout_gives_labels_from_the_layout(tmp_path, layout):
+    root = make_tree(tmp_path / "photos", per_class=4, layout=layout)
+    result = run(root, tmp_path)
+    assert len(result.manifest) == 40
+    assert result.skipped.empty
+    for split in config.SPLITS:
+        # A generated photo's red channel is 25 x its digit: the label must match the pixels.
+        red = result.arrays[f"x_{split}"][..., 0].mean(axis=(1, 2))
+        assert np.allclose(red, 25 * result.arrays[f"y_{split}"], atol=10), split
+
+
+def test_labels_follow_folders_not_listing_order(tmp_path):
+    root = tmp_path / "photos"
+    # File names sort in the opposite order of the labels.
+    for label in range(10):
+        for index in range(3):
+            path = root / str(label) / f"{'z' * (10 - label)}{index}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(photo_bytes(label, index, fmt="PNG"))
+    result = run(root, tmp_path)
+    for row in result.manifest.itertuples():
+        assert row.file.startswith(f"{row.label}/")
+    assert sorted(result.manifest["label"].unique()) == list(range(10))
+
+
+def test_arrays_are_uint8_of_the_image_size(dataset_dir, tmp_path):
+    result = run(dataset_dir, tmp_path, image_size=40)
+    for split in config.SPLITS:
+        x, y = result.arrays[f"x_{split}"], result.arrays[f"y_{split}"]
+        assert x.dtype == np.uint8 and x.shape[1:] == (40, 40, 3)
+        assert y.dtype == np.int64 and len(x) == len(y)
+
+
+def test_outputs_are_written(dataset_zip, tmp_path):
+    result = run(dataset_zip, tmp_path)
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {
+        config.IMAGES_FILE,
+        config.MANIFEST_FILE,
+        config.SKIPPED_FILE,
+        config.COUNTS_FILE,
+        config.PREVIEW_FILE,
+    }
+    manifest = pd.read_csv(out / config.MANIFEST_FILE)
+    assert list(manifest.columns) == ["file", "sha256", "label", "width", "height", "split", "index"]
+    assert (manifest["width"] == 24).all()
+    arrays = ingest.load(out)
+    assert np.array_equal(arrays["x_test"], result.arrays["x_test"])
+    counts = pd.read_csv(out / config.COUNTS_FILE, index_col=0)
+    assert counts["total"].sum() == 40 and list(counts.index) == list(range(10))
+
+
+def test_split_is_stratified_disjoint_and_reproducible(tmp_path):
+    root = make_tree(tmp_path / "photos", per_class=20)
+    first = run(root, tmp_path, val_fraction=0.2, test_fraction=0.1, seed=7)
+    again = run(root, tmp_path, val_fraction=0.2, test_fraction=0.1, seed=7)
+    other = run(root, tmp_path, val_fraction=0.2, test_fraction=0.1, seed=8)
+    assert first.manifest.equals(again.manifest)
+    assert not first.manifest["split"].equals(
+        other.manifest.set_index("file").loc[first.manifest["file"], "split"].reset_index(drop=True)
+    )
+    counts = first.counts
+    assert (counts["test"] == 2).all() and (counts["val"] == 4).all() and (counts["train"] == 14).all()
+    assert first.manifest.groupby("sha256")["split"].nunique().max() == 1
+
+
+def test_identical_files_never_straddle_splits(tmp_path):
+    root = make_tree(tmp_path / "photos", per_class=6, layout="folders")
+    for label in range(10):
+        for copy in range(3):
+            (root / str(label) / f"copy{copy}.jpg").write_bytes(photo_bytes(label, 0))
+    for seed in range(5):
+        manifest = run(root, tmp_path, seed=seed).manifest
+        assert manifest.groupby("sha256")["split"].nunique().max() == 1
+        assert (manifest.groupby("sha256").size() == 4).sum() == 10
+
+
+def test_identical_content_under_two_labels_is_rejected(tmp_path):
+    root = make_tree(tmp_path / "photos", per_class=4, layout="folders")
+    (root / "5" / "clash.jpg").write_bytes(photo_bytes(3, 0))
+    result = run(root, tmp_path)
+    reasons = dict(zip(result.skipped["file"], result.skipped["reason"]))
+    assert "labelled [3, 5]" in reasons["5/clash.jpg"]
+    assert "labelled [3, 5]" in reasons["3/0.jpg"]
+    assert len(result.manifest) == 39
+
+
+def test_bad_files_are_skipped_listed_and_the_rest_ingested(tmp_path):
+    root = make_tree(tmp_path / "photos", per_class=4, layout="folders")
+    (root / "1" / "empty.jpg").write_bytes(b"")
+    (root / "2" / "notes.txt").write_text("not a photo")
+    (root / "3" / "broken.jpg").write_bytes(photo_bytes(3, 9)[:40])
+    (root / "4" / ".DS_Store").write_bytes(b"\x00\x01")
+    (root / "cat").mkdir()
+    (root / "cat" / "c.jpg").write_bytes(photo_bytes(1, 7))
+    (root / "12").mkdir()
+    (root / "12" / "twelve.jpg").write_bytes(photo_bytes(2, 7))
+    result = run(root, tmp_path)
+    reasons = dict(zip(result.skipped["file"], result.skipped["reason"]))
+    assert "empty" in reasons["1/empty.jpg"]
+    assert "not an image" in reasons["2/notes.txt"]
+    assert "broken or truncated" in reasons["3/broken.jpg"]
+    assert reasons["4/.DS_Store"] == "hidden file"
+    assert "unknown label 'cat'" in reasons["cat/c.jpg"]
+    assert "unknown label '12'" in reasons["12/twelve.jpg"]
+    assert len(result.manifest) == 40
+    skipped_csv = pd.read_csv(tmp_path / "out" / config.SKIPPED_FILE)
+    assert len(skipped_csv) == 6
+
+
+def test_symlink_outside_the_dataset_is_skipped(tmp_path):
+    root = make_tree(tmp_path / "photos", per_class=4, layout="folders")
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(photo_bytes(0, 99))
+    (root / "0" / "link.jpg").symlink_to(outside)
+    (root / "0" / "inside.jpg").symlink_to(root / "0" / "1.jpg")
+    result = run(root, tmp_path)
+    reasons = dict(zip(result.skipped["file"], result.skipped["reason"]))
+    assert "outside the dataset" in reasons["0/link.jpg"]
+    assert "0/inside.jpg" not in reasons
+    assert "0/inside.jpg" in set(result.manifest["file"])
+
+
+def test_empty_class_fails_naming_the_digit(tmp_path):
+    root = make_tree(tmp_path / "photos", per_class=4, layout="folders")
+    for path in (root / "7").iterdir():
+        path.unlink()
+    with pytest.raises(PipelineError, match=r"digit 7: 0.*at least 3"):
+        run(root, tmp_path)
+
+
+def test_class_of_only_broken_files_fails_and_names_it(tmp_path):
+    root = make_tree(tmp_path / "photos", per_class=4, layout="folders")
+    for path in (root / "4").iterdir():
+        path.write_bytes(b"garbage")
+    with pytest.raises(PipelineError, match="digit 4: 0"):
+        run(root, tmp_path)
+
+
+def test_no_known_layout(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "hand.jpg").write_bytes(photo_bytes(0, 0))
+    with pytest.raises(PipelineError, match="no images in a known layout"):
+        run(tmp_path / "photos", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"val_fraction": 0.0}, "val_fraction=0.0"),
+        ({"test_fraction": 1.2}, "test_fraction=1.2"),
+        ({"val_fraction": 0.5, "test_fraction": 0.5}, "must be below 1"),
+        ({"image_size": 16}, "image_size=16"),
+    ],
+)
+def test_impossible_parameters_fail_before_any_work(tmp_path, options, message):
+    with pytest.raises(PipelineError, match=message):
+        run(tmp_path / "does-not-exist", tmp_path, **options)
+
+
+def test_max_per_class_takes_a_deterministic_subset(tmp_path):
+    root = make_tree(tmp_path / "photos", per_class=8)
+    first = run(root, tmp_path, max_per_class=5)
+    assert (first.counts["total"] == 5).all()
+    shuffled = tmp_path / "renamed"
+    # The same photos under other names give the same subset: it follows content, not names.
+    for path in sorted(root.rglob("*.JPG")):
+        target = shuffled / path.parent.name / f"renamed-{path.name[::-1]}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    again = run(shuffled, tmp_path, max_per_class=5)
+    assert sorted(first.manifest["sha256"]) == sorted(again.manifest["sha256"])
+
+
+def test_digest_covers_every_pixel(dataset_dir, tmp_path):
+    x = run(dataset_dir, tmp_path).arrays["x_train"]
+    y = np.zeros(len(x), dtype=np.int64)
+    changed = x.copy()
+    changed[-1, -1, -1, -1] ^= 1
+    assert ingest.digest(x, y) != ingest.digest(changed, y)
+    assert ingest.digest(x, y) == ingest.digest(x.copy(), y)
+
+
+def test_zip_source_with_a_bad_entry_still_ingests(tmp_path, dataset_dir):
+    import zipfile
+
+    archive = make_zip(dataset_dir, tmp_path / "photos.zip")
+    with zipfile.ZipFile(archive, "a") as zipped:
+        zipped.writestr("../escape.jpg", photo_bytes(0, 50))
+    result = run(archive, tmp_path)
+    assert "zip-slip" in result.skipped.set_index("file").loc["../escape.jpg", "reason"]
+    assert len(result.manifest) == 40
+    assert not (tmp_path / "cache" / "escape.jpg").exists()
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_real_archive(real_archive, tmp_path):
+    result = run(real_archive, tmp_path)
+    assert len(result.manifest) >= 1800 and result.skipped.empty
+    assert sorted(result.manifest["label"].unique()) == list(range(10))
+    assert result.manifest["sha256"].is_unique
+    # Three photos of digit 7 are 3024x3024 phone shots stored sideways with an EXIF
+    # orientation; ingest must show them upright like the others.
+    big = result.manifest[result.manifest["width"] == 3024]
+    assert len(big) == 3 and set(big["label"]) == {7}
+    row = big.iloc[0]
+    raw = images.resize(images.to_rgb(Image.open(real_archive_member(real_archive, row["file"]))))
+    upright = result.arrays[f"x_{row['split']}"][row["index"]]
+    assert not np.array_equal(upright, raw)
+    assert np.abs(upright.astype(int) - np.rot90(raw, k=-1).astype(int)).mean() < 8
+
+
+def real_archive_member(archive, name):
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(archive) as zipped:
+        member = next(n for n in zipped.namelist() if n.endswith(name))
+        return io.BytesIO(zipped.read(member))

@@ -1,0 +1,101 @@
+"""`mlflow run .` end to end: the chain of child runs, failures, and reuse of finished steps."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import ROOT
+
+from pipeline import config, main
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def mlflow_run(tmp_path, *params, entry_point="main"):
+    """Run an entry point as users do, with tracking and artifacts under tmp_path."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name("e2e") is None:
+        mlflow.create_experiment("e2e", artifact_location=(tmp_path / "artifacts").as_uri())
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "SIGN_DIGITS_DATA_DIR": str(tmp_path / "input_dataset"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    env.pop("MLFLOW_RUN_ID", None)
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(ROOT),
+        "-e",
+        entry_point,
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "e2e",
+    ]
+    for param in params:
+        command += ["-P", param]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+def runs_by_entry_point():
+    runs = mlflow.search_runs(experiment_names=["e2e"], output_format="list")
+    return {run.data.tags["mlflow.project.entryPoint"]: run for run in runs}
+
+
+def test_main_chains_the_stages_as_child_runs(tmp_path, dataset_zip):
+    done = mlflow_run(tmp_path, f"source={dataset_zip}", "max_per_class=3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = runs_by_entry_point()
+    assert set(runs) == {"main", "ingest", "onehot", "build"}
+    parent = runs["main"].info.run_id
+    for stage in ("ingest", "onehot", "build"):
+        assert runs[stage].info.status == "FINISHED"
+        assert runs[stage].data.tags["mlflow.parentRunId"] == parent
+        assert runs["main"].data.tags[f"pipeline.{stage}_run_id"] == runs[stage].info.run_id
+    assert runs["onehot"].data.params["ingest_run_id"] == runs["ingest"].info.run_id
+    assert runs["ingest"].data.metrics["num_images"] == 30
+    assert any((tmp_path / "artifacts").rglob(config.IMAGES_FILE))
+
+
+def test_a_failing_step_stops_the_chain_with_its_error(tmp_path):
+    done = mlflow_run(tmp_path, f"source={tmp_path / 'missing.zip'}")
+    assert done.returncode != 0
+    assert "missing.zip' does not exist" in done.stderr
+    assert "step ingest failed" in done.stderr
+    runs = runs_by_entry_point()
+    assert set(runs) == {"main", "ingest"}
+    assert runs["main"].info.status == "FAILED" and runs["ingest"].info.status == "FAILED"
+
+
+@pytest.mark.real_data
+def test_single_entry_point_on_the_real_archive(tmp_path, real_archive):
+    done = mlflow_run(tmp_path, f"source={real_archive}", "max_per_class=5", entry_point="ingest")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = runs_by_entry_point()["ingest"]
+    assert run.data.metrics["num_images"] == 50 and run.data.metrics["num_skipped"] == 0
+    assert len(run.inputs.dataset_inputs) == 3
+
+
+def test_reuse_needs_same_typed_params_and_the_same_clean_commit(mlflow_store):
+    experiment = mlflow.set_experiment("tests").experiment_id
+    clean = {config.COMMIT_TAG: "a" * 40, config.DIRTY_TAG: "false"}
+    with mlflow.start_run() as finished:
+        mlflow.set_tags({"mlflow.project.entryPoint": "onehot", **clean})
+        mlflow.log_params({"ingest_run_id": "abc", "num_classes": "10"})
+    same = {"ingest_run_id": "abc", "num_classes": 10}
+    # Same values typed differently ("10.0" vs "10") are the same parameters.
+    found = main.find_reusable("onehot", {**same, "num_classes": "10.0"}, experiment, clean)
+    assert found.info.run_id == finished.info.run_id
+    assert main.find_reusable("onehot", {**same, "ingest_run_id": "xyz"}, experiment, clean) is None
+    other_commit = {config.COMMIT_TAG: "b" * 40, config.DIRTY_TAG: "false"}
+    assert main.find_reusable("onehot", same, experiment, other_commit) is None
+    dirty = {**clean, config.DIRTY_TAG: "true"}
+    assert main.find_reusable("onehot", same, experiment, dirty) is None

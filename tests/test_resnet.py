@@ -1,0 +1,154 @@
+"""Pin the ResNet-50 architecture of pipeline.resnet: size, depth, shortcuts, shapes, dtypes."""
+
+import itertools
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+from pipeline.resnet import build_resnet50
+
+# Block input of each stage's convolutional block: the stem's pooling, then the
+# output of the previous stage's last identity block.
+CONV_BLOCK_INPUT = {2: "pool1", 3: "res2c_out", 4: "res3d_out", 5: "res4f_out"}
+STAGE_OUTPUT = {
+    2: ("res2c_out", 16, 256),
+    3: ("res3d_out", 8, 512),
+    4: ("res4f_out", 4, 1024),
+    5: ("res5c_out", 2, 2048),
+}
+BLOCKS = {2: "abc", 3: "abcd", 4: "abcdef", 5: "abc"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_resnet50((64, 64, 3), 10)
+
+
+@pytest.fixture(scope="module")
+def bf16_model():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        return build_resnet50((64, 64, 3), 10)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def _n_params(weights):
+    return int(sum(np.prod(w.shape) for w in weights))
+
+
+def _producer(tensor):
+    """The layer that produced a functional-graph tensor."""
+    return tensor._keras_history.operation
+
+
+def _pixels(n, size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8).astype("float32")
+
+
+def test_parameter_count_matches_keras_applications(model):
+    reference = keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classes=10)
+    assert _n_params(model.trainable_weights) == _n_params(reference.trainable_weights)
+    assert _n_params(model.non_trainable_weights) == _n_params(reference.non_trainable_weights)
+    assert model.count_params() == reference.count_params() == 23_608_202
+
+
+def test_fifty_weighted_layers_on_main_path(model):
+    convs = [layer for layer in model.layers if isinstance(layer, layers.Conv2D)]
+    dense = [layer for layer in model.layers if isinstance(layer, layers.Dense)]
+    shortcuts = [layer for layer in convs if layer.name.endswith("_branch1")]
+    assert sorted(s.name for s in shortcuts) == [f"res{s}a_branch1" for s in range(2, 6)]
+    assert all(s.kernel_size == (1, 1) for s in shortcuts)
+    assert len(convs) - len(shortcuts) + len(dense) == 50
+
+    # Independently of names: the longest input-to-output path crosses 50 weighted layers.
+    depth = {}
+    for layer in model.layers:  # topologically ordered
+        if isinstance(layer, layers.InputLayer):
+            depth[layer.name] = 0
+            continue
+        parents = keras.tree.flatten(layer.input)
+        weighted = isinstance(layer, (layers.Conv2D, layers.Dense))
+        depth[layer.name] = max(depth[_producer(t).name] for t in parents) + weighted
+    assert depth[model.layers[-1].name] == 50
+
+
+@pytest.mark.parametrize("stage", sorted(CONV_BLOCK_INPUT))
+def test_projection_shortcut_takes_block_input(model, stage):
+    shortcut = model.get_layer(f"res{stage}a_branch1")
+    first_main = model.get_layer(f"res{stage}a_branch2a")
+    assert shortcut.input is first_main.input
+    assert _producer(shortcut.input).name == CONV_BLOCK_INPUT[stage]
+    add_inputs = {_producer(t).name for t in model.get_layer(f"res{stage}a_add").input}
+    assert add_inputs == {f"bn{stage}a_branch1", f"bn{stage}a_branch2c"}
+
+
+@pytest.mark.parametrize("stage", sorted(BLOCKS))
+def test_identity_blocks_add_their_input(model, stage):
+    blocks = BLOCKS[stage]
+    for previous, block in itertools.pairwise(blocks):
+        add_inputs = {_producer(t).name for t in model.get_layer(f"res{stage}{block}_add").input}
+        assert add_inputs == {f"bn{stage}{block}_branch2c", f"res{stage}{previous}_out"}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_OUTPUT))
+def test_stage_output_shapes(model, stage):
+    name, side, channels = STAGE_OUTPUT[stage]
+    assert tuple(model.get_layer(name).output.shape) == (None, side, side, channels)
+
+
+def test_rescales_pixels_first(model):
+    rescale = model.layers[1]
+    assert isinstance(rescale, layers.Rescaling)
+    assert rescale.scale == pytest.approx(1 / 255)
+
+
+def test_float32_output(model):
+    assert model.name == "resnet50"
+    assert tuple(model.output.shape) == (None, 10)
+    assert model.output.dtype == "float32"
+
+
+def test_float32_output_under_mixed_bfloat16(bf16_model):
+    assert keras.mixed_precision.global_policy().name == "float32"  # fixture restored it
+    assert bf16_model.get_layer("conv1").compute_dtype == "bfloat16"
+    assert tuple(bf16_model.output.shape) == (None, 10)
+    assert bf16_model.output.dtype == "float32"
+    probs = keras.ops.convert_to_numpy(bf16_model(_pixels(2), training=False))
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-3)
+
+
+def test_predictions_sum_to_one(model):
+    probs = keras.ops.convert_to_numpy(model(_pixels(4), training=False))
+    assert probs.shape == (4, 10)
+    assert np.all(probs >= 0)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [32, 100])
+def test_other_input_sizes(size):
+    other = build_resnet50((size, size, 3), 10)
+    assert tuple(other.get_layer("avg_pool").output.shape) == (None, 1, 1, 2048)
+    probs = keras.ops.convert_to_numpy(other(_pixels(1, size), training=False))
+    assert probs.shape == (1, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "parameter"),
+    [
+        ({"input_shape": (16, 16, 3)}, "input_shape"),
+        ({"input_shape": (64, 64, 1)}, "input_shape"),
+        ({"num_classes": 1}, "num_classes"),
+    ],
+)
+def test_rejects_bad_arguments(kwargs, parameter):
+    with pytest.raises(ValueError, match=parameter):
+        build_resnet50(**kwargs)

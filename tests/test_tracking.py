@@ -1,0 +1,81 @@
+"""Stage runs: tags, statuses, params, and upstream look-ups on a real SQLite store."""
+
+import mlflow
+import pytest
+
+from pipeline import config, tracking
+from pipeline.errors import PipelineError
+
+
+def test_stage_run_tags_stage_and_code_version(mlflow_store):
+    with tracking_run("ingest", {"seed": 1}) as run:
+        run_id = run.info.run_id
+    stored = mlflow.get_run(run_id)
+    assert stored.info.status == "FINISHED"
+    assert stored.data.tags[config.STAGE_TAG] == "ingest"
+    assert len(stored.data.tags[config.COMMIT_TAG]) in (40, len("unknown"))
+    assert stored.data.tags[config.DIRTY_TAG] in ("true", "false", "unknown")
+    assert stored.data.params == {"seed": "1"}
+    assert mlflow.get_experiment(stored.info.experiment_id).name == "tests"
+
+
+def tracking_run(stage, params):
+    return tracking.stage_run(stage, params)
+
+
+def test_failed_stage_ends_failed_and_ctrl_c_ends_killed(mlflow_store):
+    with pytest.raises(PipelineError), tracking_run("ingest", {}) as run:
+        failed = run.info.run_id
+        raise PipelineError("boom")
+    with pytest.raises(KeyboardInterrupt), tracking_run("ingest", {}) as run:
+        killed = run.info.run_id
+        raise KeyboardInterrupt
+    assert mlflow.get_run(failed).info.status == "FAILED"
+    assert mlflow.get_run(killed).info.status == "KILLED"
+    assert mlflow.active_run() is None
+
+
+def test_params_already_logged_are_kept(mlflow_store):
+    with tracking_run("ingest", {"val_fraction": ".15"}) as run:
+        tracking.log_new_params(run, {"val_fraction": 0.15, "seed": 3})
+    assert mlflow.get_run(run.info.run_id).data.params == {"val_fraction": ".15", "seed": "3"}
+
+
+def test_find_run_takes_the_latest_finished_run_of_the_stage(mlflow_store):
+    with tracking_run("ingest", {}) as first:
+        pass
+    with tracking_run("ingest", {}) as second:
+        pass
+    with pytest.raises(PipelineError), tracking_run("ingest", {}):
+        raise PipelineError("fails")
+    with tracking_run("onehot", {}):
+        pass
+    assert tracking.find_run("ingest", "").info.run_id == second.info.run_id
+    assert tracking.find_run("ingest", first.info.run_id).info.run_id == first.info.run_id
+
+
+def test_find_run_rejects_unknown_wrong_stage_and_unfinished_runs(mlflow_store):
+    with tracking_run("onehot", {}) as onehot_run:
+        pass
+    with pytest.raises(PipelineError), tracking_run("ingest", {}) as failed:
+        raise PipelineError("fails")
+    with pytest.raises(PipelineError, match="does not exist"):
+        tracking.find_run("ingest", "0123456789abcdef0123456789abcdef")
+    with pytest.raises(PipelineError, match="is a onehot run, not a ingest run"):
+        tracking.find_run("ingest", onehot_run.info.run_id)
+    with pytest.raises(PipelineError, match="FAILED, not FINISHED"):
+        tracking.find_run("ingest", failed.info.run_id)
+
+
+def test_find_run_without_any_run_says_what_to_do(mlflow_store):
+    with tracking_run("onehot", {}):
+        pass
+    with pytest.raises(PipelineError, match=r"no finished ingest run.*mlflow run . -e ingest"):
+        tracking.find_run("ingest", "")
+
+
+def test_default_tracking_uri_is_sqlite_and_the_variable_wins(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert config.tracking_uri() == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert config.tracking_uri() == "http://127.0.0.1:5000"
