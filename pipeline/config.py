@@ -38,6 +38,11 @@ DEFAULT_EXPERIMENT = "sign-language-digits"
 STAGE_TAG = "pipeline.stage"
 COMMIT_TAG = "pipeline.git_commit"
 DIRTY_TAG = "pipeline.git_dirty"
+# Tags that link a run to the runs and model it came from or produced.
+INGEST_RUN_TAG = "pipeline.ingest_run_id"
+ONEHOT_RUN_TAG = "pipeline.onehot_run_id"
+MODEL_URI_TAG = "pipeline.model_uri"
+MODEL_VERSION_TAG = "pipeline.model_version"
 
 # Artifact folders each stage writes (the next stage reads them by these names).
 INGEST_ARTIFACT = "dataset"
@@ -51,8 +56,56 @@ PREVIEW_FILE = "preview.png"
 LABELS_FILE = "labels.npz"
 ARCHITECTURE_FILE = "architecture.json"
 SUMMARY_FILE = "summary.txt"
+TUNE_ARTIFACT = "tuning"
+BEST_PARAMS_FILE = "best_params.json"
+TRIALS_FILE = "trials.csv"
+TRIALS_PLOT_FILE = "trials.png"
+TRAIN_ARTIFACT = "training"
+CURVES_FILE = "learning_curves.png"
+HISTORY_FILE = "history.csv"
+EVALUATE_ARTIFACT = "evaluation"
+REPORT_FILE = "per_class.csv"
+CONFUSION_FILE = "confusion_matrix.png"
+MISTAKES_FILE = "misclassified.png"
+PREDICTIONS_FILE = "predictions.csv"
+LOGGED_MODEL_NAME = "model"
 
 SPLITS = ("train", "val", "test")
+
+# Training (train and every tuning trial share these)
+PRECISION = "auto"  # mixed_bfloat16 where the CPU or GPU computes bf16 natively, else float32
+LEARNING_RATE = 1e-3
+BATCH_SIZE = 64
+EPOCHS = 40
+PATIENCE = 10
+MIN_EPOCHS = 30  # validation accuracy is noisy while the learning rate is high; the cosine tail matters
+WARMUP_EPOCHS = 3
+WEIGHT_DECAY = 0.05
+LABEL_SMOOTHING = 0.1
+AUGMENT = True
+BN_MOMENTUM = 0.9  # Keras' 0.99 lags far behind the weights in ~20-step epochs
+# Light augmentation that keeps a digit's meaning: no flips (a mirrored hand is another sign).
+AUGMENTATION = {"rotation": 0.05, "zoom": 0.1, "translation": 0.1, "contrast": 0.15, "brightness": 0.1}
+
+# Tuning
+ORACLES = ("bayesian", "random", "grid", "hyperband")
+ORACLE = "bayesian"
+MAX_TRIALS = 4
+EPOCHS_PER_TRIAL = 8
+LEARNING_RATE_RANGE = (1e-4, 3e-3)
+BATCH_SIZES = (16, 32, 64, 128)
+HYPERBAND_FACTOR = 3  # hyperband: epochs_per_trial is max_epochs; max_trials does not apply
+BAYESIAN_INITIAL_POINTS = 2  # Keras Tuner's default (6 here) would make a 4-trial search all random
+TUNER_DIR_ENV = "SIGN_DIGITS_TUNER_DIR"
+DEFAULT_TUNER_DIR = Path("tuner")
+
+# Registry and evaluation
+MODEL_NAME = "sign-digits-resnet50"
+CHAMPION_ALIAS = "champion"
+MIN_ACCURACY = 0.99
+MAX_PREDICT_BATCH = 1024  # images in one pyfunc call or HTTP request
+PREDICT_CHUNK_SIZE = 64  # images per forward pass of the served model; bounds a request's memory
+MIN_PHOTO_SIDE = 8  # pixels; smaller "photos" are rows of pixels MLflow split off a JSON array
 
 
 def data_dir() -> Path:
@@ -63,6 +116,11 @@ def data_dir() -> Path:
 def tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI when set, else SQLite in the working directory."""
     return os.environ.get(TRACKING_URI_ENV) or DEFAULT_TRACKING_URI
+
+
+def tuner_dir() -> Path:
+    """The folder for Keras Tuner's trial state ($SIGN_DIGITS_TUNER_DIR wins)."""
+    return Path(os.environ.get(TUNER_DIR_ENV) or DEFAULT_TUNER_DIR)
 
 
 def experiment_name() -> str:

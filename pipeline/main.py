@@ -7,91 +7,92 @@ stops the chain with its error, and running main again continues from there.
 
 import argparse
 import logging
-from pathlib import Path
 
 import mlflow
-from mlflow.entities import Run
-from mlflow.exceptions import ExecutionException
 
-from pipeline import build, cli, config, ingest, onehot, tracking
-from pipeline.errors import PipelineError
+from pipeline import cli, config, ingest, tracking, train
+from pipeline.steps import step
 
 log = logging.getLogger("pipeline.main")
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
-STAGES = {"ingest": ingest, "onehot": onehot, "build": build}
-ENTRY_POINT_TAG = "mlflow.project.entryPoint"
 
-
-def run(args: argparse.Namespace, env_manager: str = "local") -> dict[str, str]:
+def run(args: argparse.Namespace) -> dict[str, str]:
     """Run (or reuse) every stage under the active run; return each stage's run id."""
+    runs = {}
     ingest_options = vars(ingest.parse_args([]))
-    ingest_run = step("ingest", {key: getattr(args, key) for key in ingest_options}, env_manager)
-    onehot_run = step("onehot", {"ingest_run_id": ingest_run, "num_classes": config.NUM_CLASSES}, env_manager)
-    build_run = step("build", {"image_size": args.image_size, "num_classes": config.NUM_CLASSES}, env_manager)
-    return {"ingest": ingest_run, "onehot": onehot_run, "build": build_run}
-
-
-def step(stage: str, parameters: dict, env_manager: str) -> str:
-    """The run id of a finished `stage` run with these parameters, running it if needed."""
-    experiment_id = mlflow.active_run().info.experiment_id
-    reusable = find_reusable(stage, parameters, experiment_id)
-    if reusable is not None:
-        log.info("reusing finished %s run %s", stage, reusable.info.run_id)
-        mlflow.set_tag(f"pipeline.{stage}_run_id", reusable.info.run_id)
-        return reusable.info.run_id
-    log.info("running %s with %s", stage, parameters)
-    try:
-        submitted = mlflow.projects.run(
-            str(PROJECT_DIR),
-            entry_point=stage,
-            parameters={key: str(value) for key, value in parameters.items()},
-            env_manager=env_manager,
-            experiment_id=experiment_id,
-            synchronous=True,
+    runs["ingest"] = step("ingest", {key: getattr(args, key) for key in ingest_options}, args.env_manager)
+    runs["onehot"] = step("onehot", {"ingest_run_id": runs["ingest"]}, args.env_manager)
+    runs["build"] = step("build", {"image_size": args.image_size}, args.env_manager)
+    hyper = {"learning_rate": args.learning_rate, "batch_size": args.batch_size, "tune_run_id": ""}
+    if args.max_trials:
+        runs["tune"] = step(
+            "tune",
+            {
+                "onehot_run_id": runs["onehot"],
+                "oracle": args.oracle,
+                "max_trials": args.max_trials,
+                "epochs_per_trial": args.epochs_per_trial,
+                "seed": args.seed,
+                "augment": args.augment,
+                "precision": args.precision,
+            },
+            args.env_manager,
         )
-    except ExecutionException as error:
-        raise PipelineError(
-            f"step {stage} failed ({error}); its log is above. Fix the cause and run main again: "
-            "finished steps are reused"
-        ) from None
-    mlflow.set_tag(f"pipeline.{stage}_run_id", submitted.run_id)
-    return submitted.run_id
-
-
-def find_reusable(
-    stage: str, parameters: dict, experiment_id: str, version: dict[str, str] | None = None
-) -> Run | None:
-    """A finished run of `stage` from the same clean commit with equal typed parameters."""
-    version = version or tracking.code_version()
-    if version[config.DIRTY_TAG] != "false":
-        return None
-    candidates = mlflow.search_runs(
-        experiment_ids=[experiment_id],
-        filter_string=(
-            f"tags.`{ENTRY_POINT_TAG}` = '{stage}' and attributes.status = 'FINISHED' "
-            f"and tags.`{config.COMMIT_TAG}` = '{version[config.COMMIT_TAG]}' "
-            f"and tags.`{config.DIRTY_TAG}` = 'false'"
-        ),
-        order_by=["attributes.start_time DESC"],
-        output_format="list",
+        hyper = {**train.tuned_hyperparameters(runs["tune"]), "tune_run_id": runs["tune"]}
+    runs["train"] = step(
+        "train",
+        {
+            "onehot_run_id": runs["onehot"],
+            **hyper,
+            "epochs": args.epochs,
+            "patience": args.patience,
+            "min_epochs": args.min_epochs,
+            "augment": args.augment,
+            "seed": args.seed,
+            "precision": args.precision,
+            "model_name": args.model_name,
+        },
+        args.env_manager,
     )
-    wanted = typed(stage, parameters)
-    return next((run for run in candidates if typed(stage, run.data.params) == wanted), None)
-
-
-def typed(stage: str, parameters: dict) -> argparse.Namespace | None:
-    """Parameters parsed by the stage's own command line, so "0.15" equals ".15"."""
-    argv = [f"--{key.replace('_', '-')}={value}" for key, value in parameters.items()]
-    try:
-        return STAGES[stage].parse_args(argv)
-    except SystemExit:
-        return None
+    version = mlflow.get_run(runs["train"]).data.tags[config.MODEL_VERSION_TAG]
+    # Never reused: whether it promotes depends on the champion at the time, not on its parameters.
+    runs["evaluate"] = step(
+        "evaluate",
+        {
+            "model_uri": f"models:/{args.model_name}/{version}",
+            "model_name": args.model_name,
+            "ingest_run_id": runs["ingest"],
+            "min_accuracy": args.min_accuracy,
+        },
+        args.env_manager,
+        reuse=False,
+    )
+    return runs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli.parser("main", __doc__.splitlines()[0])
     ingest.add_options(parser)
+    parser.add_argument("--oracle", choices=config.ORACLES, default=config.ORACLE)
+    parser.add_argument(
+        "--max-trials", type=cli.non_negative_int, default=config.MAX_TRIALS, help="0 skips the search"
+    )
+    parser.add_argument("--epochs-per-trial", type=cli.positive_int, default=config.EPOCHS_PER_TRIAL)
+    parser.add_argument(
+        "--learning-rate", type=cli.positive_float, default=config.LEARNING_RATE, help="when not tuning"
+    )
+    parser.add_argument(
+        "--batch-size", type=cli.positive_int, default=config.BATCH_SIZE, help="when not tuning"
+    )
+    parser.add_argument("--epochs", type=cli.positive_int, default=config.EPOCHS)
+    parser.add_argument("--patience", type=cli.non_negative_int, default=config.PATIENCE)
+    parser.add_argument("--min-epochs", type=cli.non_negative_int, default=config.MIN_EPOCHS)
+    parser.add_argument("--augment", type=cli.boolean, default=config.AUGMENT)
+    parser.add_argument(
+        "--precision", choices=("auto", "float32", "mixed_bfloat16"), default=config.PRECISION
+    )
+    parser.add_argument("--model-name", default=config.MODEL_NAME)
+    parser.add_argument("--min-accuracy", type=cli.unit_interval, default=config.MIN_ACCURACY)
     parser.add_argument(
         "--env-manager",
         default="local",
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     ingest.check_params(args.image_size, args.val_fraction, args.test_fraction)
     with tracking.stage_run("main", vars(args)):
-        runs = run(args, args.env_manager)
+        runs = run(args)
         log.info("pipeline finished: %s", ", ".join(f"{stage} {run_id}" for stage, run_id in runs.items()))
 
 

@@ -12,8 +12,6 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline.onehot")
 
-UPSTREAM_TAG = "pipeline.ingest_run_id"
-
 
 def encode(labels: np.ndarray, num_classes: int = config.NUM_CLASSES) -> np.ndarray:
     """Integer labels (n,) as a float32 (n, num_classes) one-hot matrix.
@@ -68,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with tracking.stage_run("onehot", vars(args)), tempfile.TemporaryDirectory() as tmp:
         upstream = tracking.find_run("ingest", args.ingest_run_id)
-        mlflow.set_tag(UPSTREAM_TAG, upstream.info.run_id)
+        mlflow.set_tag(config.INGEST_RUN_TAG, upstream.info.run_id)
         folder = tracking.download(upstream, config.INGEST_ARTIFACT)
         out_dir = Path(tmp) / config.ONEHOT_ARTIFACT
         encoded = run(folder, out_dir, args.num_classes)

@@ -76,11 +76,12 @@ def _check_args(input_shape, num_classes):
     return tuple(int(d) for d in shape)
 
 
-def build_resnet50(input_shape=(64, 64, 3), num_classes=10):
+def build_resnet50(input_shape=(64, 64, 3), num_classes=10, bn_momentum=0.99):
     """Build an uncompiled ResNet-50 named 'resnet50'.
 
     Takes float pixel values 0-255 of shape input_shape (height, width >= 32, 3
     channels) and returns float32 class probabilities of shape (batch, num_classes).
+    `bn_momentum` is every batch norm's moving-average momentum (Keras' default 0.99).
     Raises ValueError, naming the parameter, for a bad input_shape or num_classes.
     """
     shape = _check_args(input_shape, num_classes)
@@ -111,4 +112,8 @@ def build_resnet50(input_shape=(64, 64, 3), num_classes=10):
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(int(num_classes), name="fc")(x)
     outputs = layers.Activation("softmax", dtype="float32", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name="resnet50")
+    model = keras.Model(inputs, outputs, name="resnet50")
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = float(bn_momentum)
+    return model

@@ -1,7 +1,9 @@
 """Shared fixtures: an MLflow store under tmp_path, small generated photos, the real archive."""
 
+import base64
 import io
 import os
+import socket
 import zipfile
 from pathlib import Path
 
@@ -16,6 +18,13 @@ ARCHIVE_ENV = "SIGN_DIGITS_ARCHIVE"
 DEFAULT_ARCHIVE = ROOT.parent / "shared" / "datasets" / "sign-language-digits.zip"
 
 
+@pytest.fixture(autouse=True)
+def isolated_mlflow_environment(monkeypatch):
+    """MLflow 3's set_experiment exports MLFLOW_EXPERIMENT_ID; undo that after every test."""
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
     """A fresh SQLite tracking store with artifacts under tmp_path (never a file: URI)."""
@@ -24,11 +33,10 @@ def mlflow_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tests")
     monkeypatch.setenv("SIGN_DIGITS_DATA_DIR", str(tmp_path / "input_dataset"))
-    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
-        monkeypatch.delenv(name, raising=False)
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("tests")  # forget the experiment id a previous test's store had
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
@@ -96,3 +104,27 @@ def real_archive() -> Path:
     if not path.is_file():
         pytest.skip(f"real archive not found at {path}; set {ARCHIVE_ENV} to run real-data tests")
     return path
+
+
+def tiny_classifier():
+    """A small, fast stand-in for ResNet50 with the same input and output (64x64x3 -> 10)."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((64, 64, 3))
+    x = layers.Rescaling(1 / 255)(inputs)
+    x = layers.Conv2D(4, 3, activation="relu")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(10, activation="softmax")(x))
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

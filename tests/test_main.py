@@ -6,10 +6,12 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 from conftest import ROOT
 
-from pipeline import config, main
+from pipeline import config, steps
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -26,7 +28,8 @@ def mlflow_run(tmp_path, *params, entry_point="main"):
         "SIGN_DIGITS_DATA_DIR": str(tmp_path / "input_dataset"),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
-    env.pop("MLFLOW_RUN_ID", None)
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(name, None)
     command = [
         sys.executable,
         "-m",
@@ -47,22 +50,52 @@ def mlflow_run(tmp_path, *params, entry_point="main"):
 
 def runs_by_entry_point():
     runs = mlflow.search_runs(experiment_names=["e2e"], output_format="list")
-    return {run.data.tags["mlflow.project.entryPoint"]: run for run in runs}
+    return {
+        run.data.tags["mlflow.project.entryPoint"]: run
+        for run in runs
+        if "mlflow.project.entryPoint" in run.data.tags  # not the tuning trials
+    }
 
 
-def test_main_chains_the_stages_as_child_runs(tmp_path, dataset_zip):
-    done = mlflow_run(tmp_path, f"source={dataset_zip}", "max_per_class=3")
+@pytest.mark.real_data
+def test_main_runs_every_stage_and_the_champion_loads(tmp_path, real_archive):
+    """A slice of the real photos, two one-epoch trials, one training epoch."""
+    done = mlflow_run(
+        tmp_path,
+        f"source={real_archive}",
+        "max_per_class=4",
+        "image_size=32",
+        "max_trials=2",
+        "epochs_per_trial=1",
+        "epochs=1",
+        "min_epochs=0",
+        "precision=float32",
+        "min_accuracy=0",
+        "model_name=e2e-digits",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     runs = runs_by_entry_point()
-    assert set(runs) == {"main", "ingest", "onehot", "build"}
+    assert set(runs) == {"main", "ingest", "onehot", "build", "tune", "train", "evaluate"}
     parent = runs["main"].info.run_id
-    for stage in ("ingest", "onehot", "build"):
-        assert runs[stage].info.status == "FINISHED"
+    for stage in ("ingest", "onehot", "build", "tune", "train", "evaluate"):
+        assert runs[stage].info.status == "FINISHED", stage
         assert runs[stage].data.tags["mlflow.parentRunId"] == parent
         assert runs["main"].data.tags[f"pipeline.{stage}_run_id"] == runs[stage].info.run_id
     assert runs["onehot"].data.params["ingest_run_id"] == runs["ingest"].info.run_id
-    assert runs["ingest"].data.metrics["num_images"] == 30
+    assert runs["ingest"].data.metrics["num_images"] == 40
+    trials = mlflow.search_runs(
+        experiment_names=["e2e"],
+        filter_string=f"tags.`mlflow.parentRunId` = '{runs['tune'].info.run_id}'",
+        output_format="list",
+    )
+    assert len(trials) == 2
+    assert runs["train"].data.params["tune_run_id"] == runs["tune"].info.run_id
+    assert runs["evaluate"].data.tags["pipeline.promoted"] == "true"
     assert any((tmp_path / "artifacts").rglob(config.IMAGES_FILE))
+    champion = mlflow.pyfunc.load_model("models:/e2e-digits@champion")
+    photo = np.full((100, 100, 3), 128, dtype=np.uint8)
+    predictions = champion.predict(pd.DataFrame({"image": [photo]}))
+    assert predictions["digit"].between(0, 9).all()
 
 
 def test_a_failing_step_stops_the_chain_with_its_error(tmp_path):
@@ -92,10 +125,10 @@ def test_reuse_needs_same_typed_params_and_the_same_clean_commit(mlflow_store):
         mlflow.log_params({"ingest_run_id": "abc", "num_classes": "10"})
     same = {"ingest_run_id": "abc", "num_classes": 10}
     # Same values typed differently ("10.0" vs "10") are the same parameters.
-    found = main.find_reusable("onehot", {**same, "num_classes": "10.0"}, experiment, clean)
+    found = steps.find_reusable("onehot", {**same, "num_classes": "10.0"}, experiment, clean)
     assert found.info.run_id == finished.info.run_id
-    assert main.find_reusable("onehot", {**same, "ingest_run_id": "xyz"}, experiment, clean) is None
+    assert steps.find_reusable("onehot", {**same, "ingest_run_id": "xyz"}, experiment, clean) is None
     other_commit = {config.COMMIT_TAG: "b" * 40, config.DIRTY_TAG: "false"}
-    assert main.find_reusable("onehot", same, experiment, other_commit) is None
+    assert steps.find_reusable("onehot", same, experiment, other_commit) is None
     dirty = {**clean, config.DIRTY_TAG: "true"}
-    assert main.find_reusable("onehot", same, experiment, dirty) is None
+    assert steps.find_reusable("onehot", same, experiment, dirty) is None

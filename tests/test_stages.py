@@ -47,7 +47,7 @@ def test_onehot_encodes_the_latest_ingest_run(mlflow_store, dataset_dir):
     ingest.main(["--source", str(dataset_dir)])
     onehot.main([])
     ingest_run, onehot_run = only_run("ingest"), only_run("onehot")
-    assert onehot_run.data.tags[onehot.UPSTREAM_TAG] == ingest_run.info.run_id
+    assert onehot_run.data.tags[config.INGEST_RUN_TAG] == ingest_run.info.run_id
     labels = onehot.load(tracking.download(onehot_run, config.ONEHOT_ARTIFACT))
     assert labels["y_train"].shape[1] == 10 and np.all(labels["y_train"].sum(axis=1) == 1)
 

@@ -1,0 +1,69 @@
+"""The arrays of an ingest and a onehot run, and the tf.data input pipeline over them."""
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline import config, ingest, onehot, tracking
+from pipeline.errors import PipelineError
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def load(onehot_run) -> dict[str, np.ndarray]:
+    """Images (uint8) of the ingest run behind `onehot_run`, with its one-hot labels.
+
+    Returns x_train, y_train, x_val, y_val, x_test, y_test (y one-hot float32).
+    """
+    ingest_run = tracking.find_run("ingest", onehot_run.data.tags.get(config.INGEST_RUN_TAG, ""))
+    images = ingest.load(tracking.download(ingest_run, config.INGEST_ARTIFACT))
+    labels = onehot.load(tracking.download(onehot_run, config.ONEHOT_ARTIFACT))
+    arrays = {}
+    for split in config.SPLITS:
+        x, y = images[f"x_{split}"], labels[f"y_{split}"]
+        if len(x) != len(y) or not np.array_equal(onehot.decode(y), images[f"y_{split}"]):
+            raise PipelineError(
+                f"onehot run {onehot_run.info.run_id} does not match ingest run {ingest_run.info.run_id} "
+                f"({split}: {len(x)} images, {len(y)} labels); re-run onehot"
+            )
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = x, y
+    return arrays
+
+
+def augmenter(seed: int | None = None):
+    """Random geometric and photometric changes that keep a digit's meaning (no flips)."""
+    import keras
+    from keras import layers
+
+    amount = config.AUGMENTATION
+    return keras.Sequential(
+        [
+            layers.RandomRotation(amount["rotation"], fill_mode="nearest", seed=seed),
+            layers.RandomZoom(amount["zoom"], fill_mode="nearest", seed=seed),
+            layers.RandomTranslation(
+                amount["translation"], amount["translation"], fill_mode="nearest", seed=seed
+            ),
+            layers.RandomContrast(amount["contrast"], seed=seed),
+            layers.RandomBrightness(amount["brightness"], value_range=(0, 255), seed=seed),
+        ],
+        name="augment",
+    )
+
+
+def dataset(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    training: bool = False,
+    augment: bool = False,
+    seed: int = config.SEED,
+) -> tf.data.Dataset:
+    """Batches of (float32 pixels 0-255, labels): uint8 cached in memory, shuffled and
+    augmented on the fly for training, prefetched so the model never waits."""
+    data = tf.data.Dataset.from_tensor_slices((x, y)).cache()
+    if training:
+        data = data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    data = data.batch(batch_size).map(lambda images, labels: (tf.cast(images, tf.float32), labels), AUTOTUNE)
+    if training and augment:
+        layers = augmenter(seed)
+        data = data.map(lambda images, labels: (layers(images, training=True), labels), AUTOTUNE)
+    return data.prefetch(AUTOTUNE)

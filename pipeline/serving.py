@@ -1,0 +1,322 @@
+"""The served model: raw hand-sign photos in, a digit and ten probabilities out.
+
+`log_model` stores a trained Keras model as an MLflow pyfunc (`SignDigitsModel`)
+that decodes and preprocesses every photo with `pipeline.images`, exactly as
+ingest did for training: callers send photos of any size, never 64x64 tensors.
+
+Python, `model = mlflow.pyfunc.load_model("models:/sign-digits-resnet50@champion")`,
+then `model.predict(...)` with:
+
+- a DataFrame with one column (any name) of photos, one per row: `bytes` of an
+  encoded JPEG, PNG, ... file; a `str` with those bytes in base64 (standard or
+  URL-safe alphabet, padding optional, or a `data:image/jpeg;base64,...` URL); a
+  numpy array of decoded pixels, (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) of
+  uint8 or numbers in 0..255, any size; or the same pixels as nested lists;
+- a list of bytes or base64 strings, or a dict `{"image": [...]}` of photos.
+
+Pixel arrays go in a DataFrame column: MLflow's schema check refuses a plain
+list of arrays or a 4-D array, and spreads a list of nested lists over columns.
+`SignDigitsModel.predict` called directly also takes those lists and a 4-D
+(N, H, W, C) array. MLflow keeps only the first column of a wider DataFrame.
+
+The answer has one row per photo, in order: `digit` (int64), `confidence`
+(float64, the largest probability) and `p0` ... `p9` (float64 probabilities).
+
+HTTP, `mlflow models serve -m models:/sign-digits-resnet50@champion`: POST
+/invocations with `Content-Type: application/json` and one of
+
+    {"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ["<base64>"]]}}
+    {"dataframe_records": [{"image": "<base64>"}, {"image": [[[0, 0, 0], ...], ...]}]}
+    {"inputs": ["<base64>", "<base64>"]}
+    {"instances": ["<base64>", "<base64>"]}
+
+Send pixels (nested lists of rows of [r, g, b] or of grey values) in the two
+dataframe shapes: under "inputs" MLflow splits each photo into its rows. The
+answer is 200 with
+`{"predictions": [{"digit": 3, "confidence": 0.98, "p0": 0.001, ..., "p9": 0.002}, ...]}`.
+MLflow prefixes an error message with "Failed to predict data '<the input>'"; an
+empty "inputs" list is refused by MLflow's own schema check ("... 0 inputs").
+A bad photo, an empty batch or more than `config.MAX_PREDICT_BATCH` photos
+answer 400 with `{"error_code": "INVALID_PARAMETER_VALUE", "message": ...}`, the
+message naming the photo and what to send ("image 3: not valid base64; send ...").
+"""
+
+import base64
+import binascii
+import io
+import logging
+import re
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, Schema
+from mlflow.types.schema import AnyType
+from PIL import Image
+
+from pipeline import config, images
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+KERAS_ARTIFACT = "keras_model"
+KERAS_FILE = "model.keras"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# What loading the served model imports; pinned to the versions it was logged with.
+SERVING_PACKAGES = ("mlflow", "tensorflow", "keras", "numpy", "pandas", "pillow")
+
+_LOW_PRECISION = {"mixed_bfloat16", "mixed_float16", "bfloat16", "float16"}
+_DATA_URL = re.compile(r"data:[\w.+-]*/?[\w.+-]*(;[\w.+-]+=[\w.+-]+)*;base64,", re.IGNORECASE)
+_BASE64 = re.compile(r"[A-Za-z0-9+/\-_]*={0,2}")
+_SEND_FILE = "send a JPEG or PNG file as bytes, or as a base64 string"
+_SEND_PIXELS = (
+    "send each photo's pixels as one (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array of uint8 or "
+    "numbers in 0..255, one photo per cell of a one-column DataFrame "
+    "(over HTTP: dataframe_split or dataframe_records)"
+)
+
+
+class SignDigitsModel(mlflow.pyfunc.PythonModel):
+    """Photos of hand signs in, digits and class probabilities out (see the module docstring)."""
+
+    def load_context(self, context) -> None:
+        self.model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
+        _, height, width, channels = self.model.input_shape
+        if height != width or channels != 3:
+            raise PipelineError(f"the served model needs square RGB input; got {self.model.input_shape}")
+        self.image_size = int(height)
+        self.num_classes = int(self.model.output_shape[-1])
+        spec = tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.float32)
+        self._infer = tf.function(lambda pixels: self.model(pixels, training=False), input_signature=[spec])
+        log.info("loaded a %dx%d model with %d classes", self.image_size, self.image_size, self.num_classes)
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        """One row per photo: digit, confidence, p0..p{k-1}; MlflowException for bad input.
+
+        Through MLflow `model_input` is always a DataFrame (its schema check makes one);
+        called directly it may also be a list, a dict or a 4-D array (see `photos`).
+        """
+        pixels = build_batch(model_input, self.image_size)
+        chunks = [
+            self._infer(tf.constant(pixels[start : start + config.PREDICT_CHUNK_SIZE], tf.float32)).numpy()
+            for start in range(0, len(pixels), config.PREDICT_CHUNK_SIZE)
+        ]
+        return predictions_frame(np.concatenate(chunks))
+
+
+def predictions_frame(probabilities: np.ndarray) -> pd.DataFrame:
+    """Class probabilities (N, K) as the served columns digit, confidence, p0..p{K-1}."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    frame = pd.DataFrame(
+        {
+            "digit": probabilities.argmax(axis=1).astype(np.int64),
+            "confidence": probabilities.max(axis=1),
+        }
+    )
+    for k in range(probabilities.shape[1]):
+        frame[f"p{k}"] = probabilities[:, k]
+    return frame
+
+
+def invalid(message: str) -> MlflowException:
+    """The exception MLflow's scoring server answers with HTTP 400, the message and no traceback."""
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+# Input
+
+
+def build_batch(model_input, image_size: int = config.IMAGE_SIZE) -> np.ndarray:
+    """Every photo of `model_input` as the (N, image_size, image_size, 3) uint8 batch the model sees.
+
+    Raises MlflowException(INVALID_PARAMETER_VALUE) naming the photo for a bad one,
+    and for an empty batch or one of more than config.MAX_PREDICT_BATCH photos
+    (checked before anything is decoded).
+    """
+    items = photos(model_input)
+    if not items:
+        raise invalid("the batch is empty; send at least one image")
+    if len(items) > config.MAX_PREDICT_BATCH:
+        raise invalid(
+            f"{len(items):,} images in one request; send at most {config.MAX_PREDICT_BATCH:,} "
+            "and split larger batches into several requests"
+        )
+    return np.stack([preprocess_item(item, image_size, f"image {index}") for index, item in enumerate(items)])
+
+
+def photos(model_input) -> list:
+    """The photos of any accepted input form, as a list of items in request order."""
+    if isinstance(model_input, pd.DataFrame):
+        if model_input.shape[1] != 1:
+            raise invalid(
+                f"expected a DataFrame with one column of images; got {model_input.shape[1]} columns "
+                f"{list(model_input.columns)[:5]}"
+            )
+        return _expand(model_input.iloc[:, 0].tolist())
+    if isinstance(model_input, dict):
+        if len(model_input) != 1:
+            raise invalid(
+                f'expected a dict with one key, {{"image": [...]}}; got keys {list(model_input)[:5]}'
+            )
+        model_input = next(iter(model_input.values()))
+    if isinstance(model_input, pd.Series):
+        return _expand(model_input.tolist())
+    if isinstance(model_input, np.ndarray) and model_input.ndim in (1, 4):
+        return list(model_input)
+    if isinstance(model_input, (list, tuple)):
+        return list(model_input)
+    raise invalid(
+        f"cannot read images from {type(model_input).__name__}"
+        f"{f' of shape {model_input.shape}' if isinstance(model_input, np.ndarray) else ''}; send a "
+        "DataFrame with one column of images, a list of images or a 4-D (N, H, W, C) array"
+    )
+
+
+def _expand(cells: list) -> list:
+    """MLflow turns {"image": [str, str]} into one row holding the list: unpack that row."""
+    if len(cells) == 1 and isinstance(cells[0], (list, tuple)) and cells[0]:
+        if all(isinstance(cell, (str, bytes)) for cell in cells[0]):
+            return list(cells[0])
+    return cells
+
+
+def preprocess_item(item, image_size: int, name: str) -> np.ndarray:
+    """One photo (bytes, base64 str, pixel array or nested lists) as the model's uint8 array."""
+    try:
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            return images.preprocess(bytes(item), image_size, name)
+        if isinstance(item, str):
+            return images.preprocess(from_base64(item, name), image_size, name)
+        if isinstance(item, (np.ndarray, list, tuple)):
+            return images.preprocess_array(_pixels(item, name), image_size, name)
+    except images.ImageError as error:
+        hint = _SEND_PIXELS if isinstance(item, (np.ndarray, list, tuple)) else _SEND_FILE
+        raise invalid(f"{error}; {hint}") from None
+    if item is None or (isinstance(item, float) and np.isnan(item)):
+        raise invalid(f"{name}: missing (None or NaN); {_SEND_FILE}, or {_SEND_PIXELS}")
+    raise invalid(f"{name}: cannot read an image from {type(item).__name__}; {_SEND_FILE}, or {_SEND_PIXELS}")
+
+
+def _pixels(item, name: str) -> np.ndarray:
+    """Nested lists (as JSON carries pixels) as one numeric array; ragged or tiny ones are refused.
+
+    A photo with a side under config.MIN_PHOTO_SIDE is refused as well: MLflow spreads the
+    rows of pixels sent as a plain list (or under "inputs") over DataFrame columns
+    and keeps the first, so what arrives is one row of pixels, not the photo.
+    """
+    try:
+        pixels = np.asarray(item.tolist() if isinstance(item, np.ndarray) and item.dtype == object else item)
+    except (ValueError, TypeError):
+        raise images.ImageError(f"{name}: the rows of pixels differ in length") from None
+    if pixels.dtype == object:
+        raise images.ImageError(f"{name}: the pixels are not all numbers")
+    if pixels.ndim in (2, 3) and min(pixels.shape[:2]) < config.MIN_PHOTO_SIDE:
+        height, width = pixels.shape[:2]
+        raise images.ImageError(
+            f"{name}: {height}x{width} pixels is too small for a photo of a hand (at least "
+            f"{config.MIN_PHOTO_SIDE}x{config.MIN_PHOTO_SIDE})"
+        )
+    return pixels
+
+
+def from_base64(text: str, name: str = "image") -> bytes:
+    """The bytes in a base64 string: standard or URL-safe alphabet, padding optional, data URLs too."""
+    text = text.strip()
+    url = _DATA_URL.match(text)
+    if url:
+        text = text[url.end() :]
+    elif text[:5].lower() == "data:":
+        raise images.ImageError(f"{name}: a data URL must be base64, like data:image/jpeg;base64,...")
+    text = "".join(text.split())
+    if not text:
+        raise images.ImageError(f"{name}: the string is empty")
+    if not _BASE64.fullmatch(text) or len(text.rstrip("=")) % 4 == 1:
+        raise images.ImageError(f"{name}: not valid base64")
+    text = text.rstrip("=").replace("-", "+").replace("_", "/")
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise images.ImageError(f"{name}: not valid base64") from None
+
+
+# Logging
+
+
+def log_model(
+    keras_model: keras.Model,
+    registered_model_name: str | None = config.MODEL_NAME,
+    example_image: bytes | None = None,
+) -> ModelInfo:
+    """Log `keras_model` as a pyfunc `SignDigitsModel` (float32, no optimizer) in the active run.
+
+    Registers a new version of `registered_model_name` unless it is None.
+    `example_image` (encoded JPEG/PNG bytes) becomes the input example; by default a
+    mid-grey PNG. Raises PipelineError when no MLflow run is active.
+    """
+    if mlflow.active_run() is None:
+        raise PipelineError("serving.log_model needs an active MLflow run (mlflow.start_run())")
+    model = float32_copy(keras_model)
+    example = pd.DataFrame({"image": [base64.b64encode(example_image or grey_png()).decode("ascii")]})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / KERAS_FILE
+        model.save(path)
+        log.info("saved the float32 model (%.1f MB) to log it", path.stat().st_size / 1e6)
+        return mlflow.pyfunc.log_model(
+            name=config.LOGGED_MODEL_NAME,
+            python_model=SignDigitsModel(),
+            artifacts={KERAS_ARTIFACT: str(path)},
+            code_paths=[str(PACKAGE_DIR)],
+            signature=signature(int(model.output_shape[-1])),
+            input_example=example,
+            pip_requirements=requirements(),
+            registered_model_name=registered_model_name,
+        )
+
+
+def float32_copy(keras_model: keras.Model) -> keras.Model:
+    """An uncompiled float32 copy (rebuilt from its config with float32 policies, same weights)."""
+    model_config = _float32_config(keras.saving.serialize_keras_object(keras_model))
+    copy = keras.saving.deserialize_keras_object(model_config)
+    copy.set_weights(keras_model.get_weights())
+    return copy
+
+
+def _float32_config(node):
+    if isinstance(node, list):
+        return [_float32_config(value) for value in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _float32_config(value) for key, value in node.items()}
+    if node.get("class_name") == "DTypePolicy" and node["config"].get("name") in _LOW_PRECISION:
+        node["config"] = {**node["config"], "name": "float32"}
+    if isinstance(node.get("dtype"), str) and node["dtype"] in _LOW_PRECISION:
+        node["dtype"] = "float32"
+    return node
+
+
+def signature(num_classes: int = config.NUM_CLASSES) -> ModelSignature:
+    """One unnamed column of any type in; digit, confidence and p0..p{k-1} out."""
+    outputs = [ColSpec("long", "digit"), ColSpec("double", "confidence")]
+    outputs += [ColSpec("double", f"p{k}") for k in range(num_classes)]
+    return ModelSignature(inputs=Schema([ColSpec(AnyType())]), outputs=Schema(outputs))
+
+
+def requirements() -> list[str]:
+    """Pinned pip requirements of the served model: what loading and predicting import."""
+    return [f"{package}=={metadata.version(package)}" for package in SERVING_PACKAGES]
+
+
+def grey_png(size: int = 64) -> bytes:
+    """A small mid-grey PNG, the default input example."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (128, 128, 128)).save(buffer, "PNG")
+    return buffer.getvalue()

@@ -1,0 +1,79 @@
+"""Run a stage as a child MLflow Project run, or reuse a finished one.
+
+A finished run is reused when its entry point, its parameters (compared as
+typed values) and the code version (a clean git commit) match.
+"""
+
+import argparse
+import importlib
+import logging
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.exceptions import ExecutionException
+
+from pipeline import config, tracking
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+ENTRY_POINT_TAG = "mlflow.project.entryPoint"
+
+
+def step(stage: str, parameters: dict, env_manager: str, reuse: bool = True) -> str:
+    """The run id of a finished `stage` run with these parameters, running it if needed."""
+    experiment_id = mlflow.active_run().info.experiment_id
+    reusable = find_reusable(stage, parameters, experiment_id) if reuse else None
+    if reusable is not None:
+        log.info("reusing finished %s run %s", stage, reusable.info.run_id)
+        mlflow.set_tag(f"pipeline.{stage}_run_id", reusable.info.run_id)
+        return reusable.info.run_id
+    log.info("running %s with %s", stage, parameters)
+    try:
+        submitted = mlflow.projects.run(
+            str(PROJECT_DIR),
+            entry_point=stage,
+            parameters={key: str(value) for key, value in parameters.items()},
+            env_manager=env_manager,
+            experiment_id=experiment_id,
+            synchronous=True,
+        )
+    except ExecutionException as error:
+        raise PipelineError(
+            f"step {stage} failed ({error}); its log is above. Fix the cause and run main again: "
+            "finished steps are reused"
+        ) from None
+    mlflow.set_tag(f"pipeline.{stage}_run_id", submitted.run_id)
+    return submitted.run_id
+
+
+def find_reusable(
+    stage: str, parameters: dict, experiment_id: str, version: dict[str, str] | None = None
+) -> Run | None:
+    """A finished run of `stage` from the same clean commit with equal typed parameters."""
+    version = version or tracking.code_version()
+    if version[config.DIRTY_TAG] != "false":
+        return None
+    candidates = mlflow.search_runs(
+        experiment_ids=[experiment_id],
+        filter_string=(
+            f"tags.`{ENTRY_POINT_TAG}` = '{stage}' and attributes.status = 'FINISHED' "
+            f"and tags.`{config.COMMIT_TAG}` = '{version[config.COMMIT_TAG]}' "
+            f"and tags.`{config.DIRTY_TAG}` = 'false'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
+    wanted = typed(stage, parameters)
+    return next((run for run in candidates if typed(stage, run.data.params) == wanted), None)
+
+
+def typed(stage: str, parameters: dict) -> argparse.Namespace | None:
+    """Parameters parsed by the stage's own command line, so "0.15" equals ".15"."""
+    argv = [f"--{key.replace('_', '-')}={value}" for key, value in parameters.items()]
+    try:
+        return importlib.import_module(f"pipeline.{stage}").parse_args(argv)
+    except SystemExit:
+        return None

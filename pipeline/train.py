@@ -1,0 +1,211 @@
+"""Train: the ResNet50 from scratch on a onehot run's data, logged and registered as a pyfunc.
+
+`mlflow run . -e train` with no parameters trains with the defaults on the latest
+onehot run (running ingest and onehot first when there is none).
+"""
+
+import io
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pipeline import cli, config, tracking
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline.train")
+
+
+def run(
+    arrays: dict[str, np.ndarray],
+    out_dir: Path,
+    run_id: str,
+    learning_rate: float = config.LEARNING_RATE,
+    batch_size: int = config.BATCH_SIZE,
+    epochs: int = config.EPOCHS,
+    patience: int = config.PATIENCE,
+    min_epochs: int = config.MIN_EPOCHS,
+    augment: bool = config.AUGMENT,
+    seed: int = config.SEED,
+    precision: str = config.PRECISION,
+):
+    """Train a fresh ResNet50 on `arrays` (from data.load), logging each epoch to `run_id`.
+
+    Stops early on validation accuracy (never before `min_epochs`) with the best
+    weights restored. Writes the history and learning curves to `out_dir`;
+    returns the model and the history table, whose `kept` column marks the epoch
+    whose weights the model has.
+    """
+    import keras
+
+    from pipeline import data, fitting
+
+    check_params(learning_rate, batch_size, epochs, patience, min_epochs)
+    keras.utils.set_random_seed(seed)
+    policy = fitting.set_precision(precision)
+    x_train, y_train = arrays["x_train"], arrays["y_train"]
+    model = fitting.new_model(x_train.shape[1], y_train.shape[1])
+    fitting.compile_model(model, learning_rate, fitting.steps(len(x_train), batch_size), epochs)
+    log.info(
+        "training %d images for up to %d epochs (%s, batch %d)", len(x_train), epochs, policy, batch_size
+    )
+    stopper = fitting.early_stopping(patience, min_epochs)
+    history = model.fit(
+        data.dataset(x_train, y_train, batch_size, training=True, augment=augment, seed=seed),
+        validation_data=data.dataset(arrays["x_val"], arrays["y_val"], max(batch_size, 128)),
+        epochs=epochs,
+        callbacks=[fitting.EpochLogger(run_id, len(x_train)), stopper],
+        shuffle=False,  # the dataset shuffles itself
+        verbose=0,
+    )
+    table = pd.DataFrame(history.history).rename_axis("epoch").reset_index()
+    kept = stopper.best_epoch if stopper.best_weights is not None else len(table) - 1
+    table["kept"] = table["epoch"] == kept
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_dir / config.HISTORY_FILE, index=False)
+    plot_curves(table, out_dir / config.CURVES_FILE)
+    return model, table
+
+
+def check_params(learning_rate, batch_size, epochs, patience, min_epochs) -> None:
+    """Raise PipelineError naming the parameter when a value is impossible."""
+    if not 0 < learning_rate < 1:
+        raise PipelineError(f"learning_rate={learning_rate}: must lie strictly between 0 and 1")
+    for name, value in (("batch_size", batch_size), ("epochs", epochs)):
+        if value < 1:
+            raise PipelineError(f"{name}={value}: must be at least 1")
+    for name, value in (("patience", patience), ("min_epochs", min_epochs)):
+        if value < 0:
+            raise PipelineError(f"{name}={value}: must be 0 or more")
+
+
+def plot_curves(history: pd.DataFrame, path: Path) -> None:
+    """Loss and accuracy per epoch, training against validation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = history["epoch"] + 1
+    for axis, metric in zip(axes, ("loss", "accuracy")):
+        axis.plot(epochs, history[metric], label="training")
+        axis.plot(epochs, history[f"val_{metric}"], label="validation")
+        axis.set_xlabel("epoch")
+        axis.set_title(metric)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def tuned_hyperparameters(tune_run_id: str) -> dict:
+    """The best learning rate and batch size of a finished tune run."""
+    tune_run = tracking.find_run("tune", tune_run_id)
+    path = tracking.download(tune_run, f"{config.TUNE_ARTIFACT}/{config.BEST_PARAMS_FILE}")
+    try:
+        best = json.loads(path.read_text())
+        return {"learning_rate": float(best["learning_rate"]), "batch_size": int(best["batch_size"])}
+    except (ValueError, KeyError, TypeError) as error:
+        raise PipelineError(
+            f"tune run {tune_run_id}: {config.BEST_PARAMS_FILE} is unreadable ({error})"
+        ) from None
+
+
+def upstream_onehot(onehot_run_id: str):
+    """The onehot run to train on; with none given and none finished, run ingest and onehot first."""
+    if onehot_run_id:
+        return tracking.find_run("onehot", onehot_run_id)
+    try:
+        return tracking.find_run("onehot", "")
+    except PipelineError:
+        from pipeline.steps import step
+
+        log.info("no finished onehot run yet: running ingest and onehot first")
+        try:
+            ingest_run = tracking.find_run("ingest", "").info.run_id
+        except PipelineError:
+            ingest_run = step("ingest", {}, "local")
+        return tracking.find_run("onehot", step("onehot", {"ingest_run_id": ingest_run}, "local"))
+
+
+def example_png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def parse_args(argv: list[str] | None):
+    parser = cli.parser("train", __doc__.splitlines()[0])
+    parser.add_argument("--onehot-run-id", default="", help="onehot run to train on (default: the latest)")
+    parser.add_argument(
+        "--tune-run-id", default="", help="take learning rate and batch size from this search"
+    )
+    parser.add_argument("--learning-rate", type=cli.positive_float, default=config.LEARNING_RATE)
+    parser.add_argument("--batch-size", type=cli.positive_int, default=config.BATCH_SIZE)
+    parser.add_argument("--epochs", type=cli.positive_int, default=config.EPOCHS)
+    parser.add_argument("--patience", type=cli.non_negative_int, default=config.PATIENCE)
+    parser.add_argument("--min-epochs", type=cli.non_negative_int, default=config.MIN_EPOCHS)
+    parser.add_argument("--augment", type=cli.boolean, default=config.AUGMENT)
+    parser.add_argument("--seed", type=cli.non_negative_int, default=config.SEED)
+    parser.add_argument(
+        "--precision", choices=("auto", "float32", "mixed_bfloat16"), default=config.PRECISION
+    )
+    parser.add_argument("--model-name", default=config.MODEL_NAME, help="registered model name")
+    return parser.parse_args(argv)
+
+
+@cli.entry_point
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_params(args.learning_rate, args.batch_size, args.epochs, args.patience, args.min_epochs)
+    with tracking.stage_run("train", vars(args)) as active, tempfile.TemporaryDirectory() as tmp:
+        hyper = {"learning_rate": args.learning_rate, "batch_size": args.batch_size}
+        if args.tune_run_id:
+            hyper = tuned_hyperparameters(args.tune_run_id)
+            mlflow.log_params({f"tuned_{key}": value for key, value in hyper.items()})
+            log.info("using the search's best hyperparameters %s", hyper)
+        onehot_run = upstream_onehot(args.onehot_run_id)
+        from pipeline import data, serving
+
+        arrays = data.load(onehot_run)
+        out_dir = Path(tmp) / config.TRAIN_ARTIFACT
+        options = {
+            k: v for k, v in vars(args).items() if k not in ("onehot_run_id", "tune_run_id", "model_name")
+        }
+        model, history = run(arrays, out_dir, active.info.run_id, **{**options, **hyper})
+        best = int(history.index[history["kept"]][0])
+        mlflow.log_metrics(
+            {
+                "kept_val_accuracy": float(history["val_accuracy"][best]),
+                "kept_epoch": best + 1,
+                "epochs_trained": len(history),
+            }
+        )
+        mlflow.log_artifacts(str(out_dir), artifact_path=config.TRAIN_ARTIFACT)
+        info = serving.log_model(model, args.model_name, example_png(arrays["x_val"][0]))
+        mlflow.set_tags(
+            {
+                config.ONEHOT_RUN_TAG: onehot_run.info.run_id,
+                config.INGEST_RUN_TAG: onehot_run.data.tags.get(config.INGEST_RUN_TAG, ""),
+                config.MODEL_URI_TAG: info.model_uri,
+                config.MODEL_VERSION_TAG: str(info.registered_model_version or ""),
+            }
+        )
+        log.info(
+            "kept epoch %d (val_accuracy %.4f); registered %s version %s",
+            best + 1,
+            history["val_accuracy"][best],
+            args.model_name,
+            info.registered_model_version,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,481 @@
+"""Tune: a Keras Tuner search over learning rate and batch size, one MLflow child run per trial.
+
+Every trial trains the same ResNet50 recipe (pipeline.fitting) from the same seed, so
+trials differ only in the two hyperparameters. The search state lives under
+config.tuner_dir()/<project>, where <project> is a hash of what defines the search;
+running again with the same parameters continues it (see `project_name`).
+
+Budgets per oracle: bayesian, random and grid run up to `max_trials` trials of
+`epochs_per_trial` epochs. Hyperband ignores `max_trials`: `epochs_per_trial` is its
+`max_epochs` (the most any model trains) and its brackets (factor 3, one iteration)
+decide the number of trials, e.g. 10 trials and 49 epochs in all for 8 epochs, 1 trial
+for 1 epoch. Hyperband continues a promoted trial from its predecessor's best weights;
+the optimizer and its learning-rate schedule start afresh, as Keras Tuner restores
+weights only.
+"""
+
+import gc
+import hashlib
+import json
+import logging
+import resource
+import tempfile
+from pathlib import Path
+
+import keras
+import keras_tuner
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.entities import RunStatus
+
+from pipeline import cli, config, data, fitting, tracking
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline.tune")
+
+PROJECT_TAG = "pipeline.tuner_project"
+TRIAL_ID_TAG = "pipeline.trial_id"
+TRIAL_STAGE = "tune-trial"
+OBJECTIVE = "val_accuracy"
+KEY_VERSION = 1  # bump when a change to the training step makes old trials incomparable
+TRIAL_COLUMNS = ["trial_id", "status", "learning_rate", "batch_size", "epochs", OBJECTIVE, "run_id"]
+
+
+class ResNetHyperModel(keras_tuner.HyperModel):
+    """fitting.new_model with a tuned learning rate and batch size.
+
+    `arrays` holds x_train/y_train/x_val/y_val (uint8 images, one-hot labels). `build`
+    compiles for `epochs` epochs; `fit` feeds tf.data pipelines batched by the trial's
+    batch size and passes the tuner's keyword arguments (epochs, callbacks) to model.fit.
+    """
+
+    def __init__(
+        self,
+        arrays: dict[str, np.ndarray],
+        epochs: int,
+        augment: bool = config.AUGMENT,
+        seed: int = config.SEED,
+        precision: str = "float32",
+    ):
+        super().__init__(name="resnet50")
+        self.arrays = arrays
+        self.epochs = epochs
+        self.augment = augment
+        self.seed = seed
+        self.precision = precision
+
+    def declare_hyperparameters(self, hp: keras_tuner.HyperParameters) -> None:
+        hp.Float("learning_rate", *config.LEARNING_RATE_RANGE, sampling="log", default=config.LEARNING_RATE)
+        hp.Choice("batch_size", list(config.BATCH_SIZES), default=config.BATCH_SIZE)
+
+    def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
+        self.declare_hyperparameters(hp)
+        # Keras Tuner clears the Keras session before each build, which also resets the
+        # global dtype policy and seed: set both again so every trial starts alike.
+        fitting.set_precision(self.precision)
+        keras.utils.set_random_seed(self.seed)
+        x_train, y_train = self.arrays["x_train"], self.arrays["y_train"]
+        model = fitting.new_model(x_train.shape[1], y_train.shape[1])
+        steps = fitting.steps(len(x_train), hp.get("batch_size"))
+        return fitting.compile_model(model, hp.get("learning_rate"), steps, self.epochs)
+
+    def fit(self, hp: keras_tuner.HyperParameters, model: keras.Model, *args, **kwargs):
+        batch_size = hp.get("batch_size")
+        train = data.dataset(
+            self.arrays["x_train"],
+            self.arrays["y_train"],
+            batch_size,
+            training=True,
+            augment=self.augment,
+            seed=self.seed,
+        )
+        val = data.dataset(self.arrays["x_val"], self.arrays["y_val"], batch_size)
+        return model.fit(train, validation_data=val, **kwargs)
+
+
+class MlflowTrials:
+    """Mixed into a Keras Tuner class: each trial is a nested MLflow run of the active run.
+
+    The trial's run ids are kept in the tuner's own state, so a resumed search still
+    knows the runs of the trials it does not run again. Keras Tuner saves each trial's
+    best weights with optimizer state (~280 MB for ResNet50); only Hyperband reads them
+    again (to continue a promoted trial), so the other tuners delete them.
+    """
+
+    keep_checkpoints = False
+
+    def __init__(self, *args, **kwargs):
+        self.trial_runs: dict[str, str] = {}
+        super().__init__(*args, **kwargs)
+
+    def run_trial(self, trial, *args, **kwargs):
+        keras.backend.clear_session()
+        gc.collect()
+        values = trial.hyperparameters.values
+        parent = mlflow.active_run()
+        run = mlflow.start_run(
+            nested=True,
+            run_name=f"trial-{trial.trial_id}",
+            experiment_id=parent.info.experiment_id if parent else None,
+            tags={
+                config.STAGE_TAG: TRIAL_STAGE,
+                TRIAL_ID_TAG: trial.trial_id,
+                PROJECT_TAG: self.project_name,
+            },
+        )
+        self.trial_runs[trial.trial_id] = run.info.run_id
+        log.info("trial %s: %s", trial.trial_id, ", ".join(f"{k}={v}" for k, v in values.items()))
+        try:
+            mlflow.log_params(values)
+            logger = fitting.EpochLogger(run.info.run_id, len(self.hypermodel.arrays["x_train"]))
+            kwargs["callbacks"] = [*kwargs.get("callbacks", []), logger]
+            histories = super().run_trial(trial, *args, **kwargs)
+            best, memory = max(max(h.history[OBJECTIVE]) for h in histories), rss_mib()
+            mlflow.log_metrics({f"best_{OBJECTIVE}": best, "rss_mib": memory})
+        except KeyboardInterrupt:
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            raise
+        except BaseException:
+            mlflow.log_metric("rss_mib", rss_mib())
+            mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+            raise
+        finally:
+            if not self.keep_checkpoints:
+                for path in Path(self.get_trial_dir(trial.trial_id)).glob("checkpoint*"):
+                    path.unlink()
+        log.info("trial %s: best %s %.4f, %.0f MiB resident", trial.trial_id, OBJECTIVE, best, memory)
+        mlflow.end_run()
+        return histories
+
+    def get_state(self):
+        return {**super().get_state(), "mlflow_runs": self.trial_runs}
+
+    def set_state(self, state):
+        super().set_state(state)
+        self.trial_runs = dict(state.get("mlflow_runs", {}))
+
+
+class BayesianTuner(MlflowTrials, keras_tuner.BayesianOptimization):
+    pass
+
+
+class RandomTuner(MlflowTrials, keras_tuner.RandomSearch):
+    pass
+
+
+class GridTuner(MlflowTrials, keras_tuner.GridSearch):
+    """Tries the default values (config.LEARNING_RATE, config.BATCH_SIZE) first, then walks
+    a grid of 10 log-spaced learning rates by every batch size."""
+
+
+class HyperbandTuner(MlflowTrials, keras_tuner.Hyperband):
+    keep_checkpoints = True
+
+
+TUNERS = {"bayesian": BayesianTuner, "random": RandomTuner, "grid": GridTuner, "hyperband": HyperbandTuner}
+
+
+def rss_mib() -> float:
+    """The process's resident memory now (peak where /proc is missing), in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def check_params(oracle: str, max_trials: int, epochs_per_trial: int, seed: int) -> None:
+    """Raise PipelineError naming the parameter when a value is impossible."""
+    if oracle not in config.ORACLES:
+        raise PipelineError(f"oracle={oracle!r}: must be one of {', '.join(config.ORACLES)}")
+    for name, value in (("max_trials", max_trials), ("epochs_per_trial", epochs_per_trial)):
+        if value < 1:
+            raise PipelineError(f"{name}={value}: must be a whole number >= 1")
+    if seed < 0:
+        raise PipelineError(f"seed={seed}: must be a whole number >= 0")
+
+
+def project_name(
+    arrays: dict[str, np.ndarray],
+    oracle: str,
+    epochs_per_trial: int,
+    seed: int,
+    augment: bool,
+    precision: str,
+    project_key: str = "",
+) -> str:
+    """A short name for the search: the same data and parameters give the same name.
+
+    It leaves out `max_trials` on purpose, so a search can be resumed with a larger
+    budget. It covers the search space and the training recipe from config, so a
+    changed default starts a new search instead of mixing incomparable trials.
+    """
+    digest = hashlib.sha256()
+    for key in ("x_train", "y_train", "x_val", "y_val"):
+        digest.update(f"{key}{arrays[key].shape}{arrays[key].dtype}".encode())
+        digest.update(np.ascontiguousarray(arrays[key]).tobytes())
+    search = {
+        "version": KEY_VERSION,
+        "data": digest.hexdigest(),
+        "project_key": project_key,
+        "oracle": oracle,
+        "epochs_per_trial": epochs_per_trial,
+        "seed": seed,
+        "augment": augment,
+        "precision": precision,
+        "learning_rate_range": list(config.LEARNING_RATE_RANGE),
+        "batch_sizes": list(config.BATCH_SIZES),
+        "bayesian_initial_points": config.BAYESIAN_INITIAL_POINTS,
+        "recipe": [
+            config.WARMUP_EPOCHS,
+            config.WEIGHT_DECAY,
+            config.LABEL_SMOOTHING,
+            config.BN_MOMENTUM,
+            config.AUGMENTATION,
+        ],
+    }
+    return f"{oracle}-{hashlib.sha256(json.dumps(search, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
+def make_tuner(
+    oracle: str,
+    hypermodel: keras_tuner.HyperModel,
+    max_trials: int,
+    epochs_per_trial: int,
+    seed: int,
+    directory: Path,
+    project: str,
+    overwrite: bool,
+) -> keras_tuner.Tuner:
+    """The tuner for `oracle`, reloading directory/project unless `overwrite`."""
+    if oracle == "hyperband":
+        budget = {
+            "max_epochs": epochs_per_trial,
+            "factor": config.HYPERBAND_FACTOR,
+            "hyperband_iterations": 1,
+        }
+    elif oracle == "bayesian":
+        budget = {"max_trials": max_trials, "num_initial_points": config.BAYESIAN_INITIAL_POINTS}
+    else:
+        budget = {"max_trials": max_trials}
+    return TUNERS[oracle](
+        hypermodel=hypermodel,
+        objective=keras_tuner.Objective(OBJECTIVE, direction="max"),
+        seed=seed + 1,  # Keras Tuner replaces a seed of 0 with a random one
+        directory=str(directory),
+        project_name=project,
+        overwrite=overwrite,
+        **budget,
+    )
+
+
+def search(tuner: keras_tuner.Tuner, epochs: int) -> None:
+    """Run the tuner's remaining trials; PipelineError when trial after trial fails."""
+    try:
+        tuner.search(epochs=epochs, callbacks=[], verbose=0)
+    except RuntimeError as error:
+        if "consecutive failures" not in str(error):
+            raise
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        raise PipelineError(
+            f"tuning stopped: {lines[0]} The last one ended with: {lines[-1]} "
+            "(each trial's MLflow run is marked FAILED)"
+        ) from None
+
+
+def trials_table(tuner: keras_tuner.Tuner, epochs_per_trial: int) -> pd.DataFrame:
+    """One row per Keras Tuner trial, in trial order (TRIAL_COLUMNS)."""
+    rows = []
+    for trial in sorted(tuner.oracle.trials.values(), key=lambda trial: int(trial.trial_id)):
+        values = trial.hyperparameters.values
+        score = trial.score if trial.status == "COMPLETED" else None
+        rows.append(
+            (
+                trial.trial_id,
+                trial.status,
+                values.get("learning_rate"),
+                values.get("batch_size"),
+                values.get("tuner/epochs", epochs_per_trial),
+                score,
+                tuner.trial_runs.get(trial.trial_id, ""),
+            )
+        )
+    return pd.DataFrame(rows, columns=TRIAL_COLUMNS)
+
+
+def best_row(trials: pd.DataFrame) -> pd.Series:
+    """The finished trial with the highest score (the first one on a tie)."""
+    done = trials[trials[OBJECTIVE].notna() & np.isfinite(trials[OBJECTIVE].astype(float))]
+    if done.empty:
+        raise PipelineError("no trial finished with a validation accuracy; see the trials' MLflow runs")
+    return done.loc[done[OBJECTIVE].astype(float).idxmax()]
+
+
+def plot_trials(trials: pd.DataFrame, best: pd.Series, path: Path) -> None:
+    """Score against learning rate (log axis), one marker and colour per batch size."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    figure = Figure(figsize=(6.4, 4.4), layout="constrained")
+    axes = figure.subplots()
+    done = trials[trials[OBJECTIVE].notna()]
+    markers = "osD^v<>p"
+    for batch_size, group in done.groupby("batch_size"):
+        index = config.BATCH_SIZES.index(batch_size) if batch_size in config.BATCH_SIZES else 0
+        axes.scatter(
+            group["learning_rate"],
+            group[OBJECTIVE].astype(float),
+            marker=markers[index % len(markers)],
+            color=f"C{index}",
+            s=50,
+            label=f"batch {batch_size}",
+        )
+    axes.scatter(
+        [best["learning_rate"]],
+        [float(best[OBJECTIVE])],
+        s=260,
+        facecolors="none",
+        edgecolors="crimson",
+        linewidths=2,
+        label=f"best (trial {best['trial_id']})",
+    )
+    axes.set_xscale("log")
+    axes.set_xlim(config.LEARNING_RATE_RANGE[0] / 1.3, config.LEARNING_RATE_RANGE[1] * 1.3)
+    axes.set_xlabel("learning rate")
+    axes.set_ylabel(f"best {OBJECTIVE}")
+    axes.set_title(f"{len(done)} of {len(trials)} trials finished")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(loc="best", fontsize="small")
+    figure.savefig(path, dpi=120)
+
+
+def run(
+    arrays: dict[str, np.ndarray],
+    out_dir: Path,
+    oracle: str = config.ORACLE,
+    max_trials: int = config.MAX_TRIALS,
+    epochs_per_trial: int = config.EPOCHS_PER_TRIAL,
+    seed: int = config.SEED,
+    augment: bool = config.AUGMENT,
+    precision: str = config.PRECISION,
+    resume: bool = True,
+    project_key: str = "",
+) -> dict:
+    """Search learning rate and batch size on `arrays`; write the results to `out_dir`.
+
+    Each trial is logged as a nested MLflow run of the active run (a top-level run when
+    none is active). With `resume`, a search with the same parameters (`project_name`)
+    continues: finished trials are kept and not run again; without it the old state
+    is wiped. `project_key` names the data (main passes the onehot run id).
+
+    Returns best_params ({"learning_rate", "batch_size"}), best_val_accuracy, trials
+    (TRIAL_COLUMNS), new_trials and project_dir. Raises PipelineError for impossible
+    parameters and when no trial finishes.
+    """
+    check_params(oracle, max_trials, epochs_per_trial, seed)
+    precision = fitting.set_precision(precision)
+    keras.utils.set_random_seed(seed)
+    hypermodel = ResNetHyperModel(arrays, epochs_per_trial, augment, seed, precision)
+    project = project_name(arrays, oracle, epochs_per_trial, seed, augment, precision, project_key)
+    resuming = resume and (config.tuner_dir() / project).exists()
+    try:
+        tuner = make_tuner(
+            oracle, hypermodel, max_trials, epochs_per_trial, seed, config.tuner_dir(), project, not resume
+        )
+    except (RuntimeError, ValueError) as error:  # a truncated or foreign oracle.json / tuner0.json
+        if not resuming:
+            raise
+        raise PipelineError(
+            f"cannot resume the search in {config.tuner_dir() / project} ({error}); "
+            "run with resume=false to start it over"
+        ) from None
+    known = len(tuner.oracle.trials)
+    log.info(
+        "%s search in %s: %d trials so far, %s",
+        oracle,
+        tuner.project_dir,
+        known,
+        "hyperband brackets decide the rest" if oracle == "hyperband" else f"up to {max_trials}",
+    )
+    # Search
+    search(tuner, epochs_per_trial)
+    # Summarise
+    trials = trials_table(tuner, epochs_per_trial)
+    best = best_row(trials)
+    best_params = {"learning_rate": float(best["learning_rate"]), "batch_size": int(best["batch_size"])}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / config.BEST_PARAMS_FILE).write_text(json.dumps(best_params, indent=1) + "\n")
+    trials.to_csv(out_dir / config.TRIALS_FILE, index=False)
+    plot_trials(trials, best, out_dir / config.TRIALS_PLOT_FILE)
+    return {
+        "best_params": best_params,
+        f"best_{OBJECTIVE}": float(best[OBJECTIVE]),
+        "trials": trials,
+        "new_trials": len(tuner.oracle.trials) - known,
+        "project_dir": Path(tuner.project_dir),
+    }
+
+
+def parse_args(argv: list[str] | None):
+    parser = cli.parser("tune", __doc__.splitlines()[0])
+    parser.add_argument("--onehot-run-id", default="", help="onehot run to tune on (default: the latest)")
+    parser.add_argument("--oracle", choices=config.ORACLES, default=config.ORACLE)
+    parser.add_argument(
+        "--max-trials", type=cli.positive_int, default=config.MAX_TRIALS, help="ignored by hyperband"
+    )
+    parser.add_argument(
+        "--epochs-per-trial",
+        type=cli.positive_int,
+        default=config.EPOCHS_PER_TRIAL,
+        help="hyperband: the most epochs one model trains",
+    )
+    parser.add_argument("--seed", type=cli.non_negative_int, default=config.SEED)
+    parser.add_argument("--augment", type=cli.boolean, default=config.AUGMENT)
+    parser.add_argument("--precision", choices=fitting.PRECISIONS, default=config.PRECISION)
+    parser.add_argument(
+        "--resume", type=cli.boolean, default=True, help="continue a search with the same parameters"
+    )
+    return parser.parse_args(argv)
+
+
+def log_to_mlflow(result: dict, out_dir: Path) -> None:
+    """Best hyperparameters as params, the best score as a metric, the files as artifacts."""
+    mlflow.log_params({f"best_{name}": value for name, value in result["best_params"].items()})
+    finished = int((result["trials"]["status"] == "COMPLETED").sum())
+    mlflow.log_metrics(
+        {
+            f"best_{OBJECTIVE}": result[f"best_{OBJECTIVE}"],
+            "num_trials": finished,
+            "num_new_trials": result["new_trials"],
+        }
+    )
+    mlflow.log_artifacts(str(out_dir), artifact_path=config.TUNE_ARTIFACT)
+
+
+@cli.entry_point
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_params(args.oracle, args.max_trials, args.epochs_per_trial, args.seed)
+    with tracking.stage_run("tune", vars(args)), tempfile.TemporaryDirectory() as tmp:
+        upstream = tracking.find_run("onehot", args.onehot_run_id)
+        mlflow.set_tag(config.ONEHOT_RUN_TAG, upstream.info.run_id)
+        arrays = data.load(upstream)
+        out_dir = Path(tmp) / config.TUNE_ARTIFACT
+        options = {key: value for key, value in vars(args).items() if key != "onehot_run_id"}
+        result = run(arrays, out_dir, project_key=upstream.info.run_id, **options)
+        mlflow.set_tag(PROJECT_TAG, result["project_dir"].name)
+        log_to_mlflow(result, out_dir)
+        log.info(
+            "best of %d trials: %s (%s %.4f); %d new",
+            len(result["trials"]),
+            result["best_params"],
+            OBJECTIVE,
+            result[f"best_{OBJECTIVE}"],
+            result["new_trials"],
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The tf.data input pipeline: batches, augmentation, and the hand-over from ingest and onehot."""
+
+import numpy as np
+
+from pipeline import data
+
+
+def arrays(n=20, size=16):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    y = np.eye(10, dtype=np.float32)[np.arange(n) % 10]
+    return x, y
+
+
+def test_evaluation_batches_keep_order_and_values():
+    x, y = arrays()
+    batches = list(data.dataset(x, y, batch_size=8))
+    assert [len(b[0]) for b in batches] == [8, 8, 4]
+    images = np.concatenate([b[0].numpy() for b in batches])
+    assert images.dtype == np.float32 and np.array_equal(images, x.astype(np.float32))
+
+
+def test_training_batches_are_shuffled_and_complete():
+    x, y = arrays()
+    first = np.concatenate([b[1].numpy().argmax(1) for b in data.dataset(x, y, 8, training=True, seed=1)])
+    assert sorted(first) == sorted(y.argmax(1)) and not np.array_equal(first, y.argmax(1))
+
+
+def test_augmentation_changes_pixels_within_range_and_keeps_shape():
+    x, y = arrays()
+    plain, _ = next(iter(data.dataset(x, y, 20, training=True, augment=False, seed=3)))
+    augmented, _ = next(iter(data.dataset(x, y, 20, training=True, augment=True, seed=3)))
+    augmented = augmented.numpy()
+    assert augmented.shape == x.shape and augmented.min() >= 0 and augmented.max() <= 255
+    # The same seed shuffles alike, so the difference is the augmentation alone.
+    assert np.abs(augmented - plain.numpy()).mean() > 1
+
+
+def test_no_flips_in_augmentation():
+    # A mirrored hand is another sign: flipping would teach the model wrong labels.
+    names = [type(layer).__name__ for layer in data.augmenter().layers]
+    assert "RandomFlip" not in names and "RandomRotation" in names

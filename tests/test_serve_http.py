@@ -1,0 +1,219 @@
+"""`mlflow models serve` of the registered champion: the JSON shapes it takes and the errors it gives."""
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+from conftest import b64, free_port, photo_bytes, tiny_classifier
+from mlflow.tracking import MlflowClient
+
+from pipeline import config, images, serving
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+NAME = "http-digits"
+COLUMNS = ["digit", "confidence", *(f"p{k}" for k in range(config.NUM_CLASSES))]
+STARTUP_S = 120
+REQUEST_S = 60
+
+
+@pytest.fixture(scope="module")
+def keras_model() -> keras.Model:
+    return tiny_classifier()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, keras_model):
+    """A SQLite store under tmp_path with the tiny model registered as the champion."""
+    root = tmp_path_factory.mktemp("serve")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous_uri, previous_tmp = mlflow.get_tracking_uri(), tempfile.tempdir
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        tempfile.tempdir = str(root)
+        mlflow.set_tracking_uri(uri)
+        try:
+            experiment = mlflow.create_experiment("serve", artifact_location=(root / "artifacts").as_uri())
+            with mlflow.start_run(experiment_id=experiment):
+                info = serving.log_model(keras_model, NAME)
+            MlflowClient().set_registered_model_alias(
+                NAME, config.CHAMPION_ALIAS, info.registered_model_version
+            )
+        finally:
+            mlflow.set_tracking_uri(previous_uri)
+            tempfile.tempdir = previous_tmp
+    return root, uri
+
+
+@pytest.fixture(scope="module")
+def server(store):
+    """The base URL of `mlflow models serve` on 127.0.0.1; the server is stopped afterwards."""
+    root, uri = store
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "TMPDIR": str(root),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        # the serve command starts `uvicorn` from PATH: use this interpreter's
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "--env-manager", "local"]
+    command += ["-m", f"models:/{NAME}@{config.CHAMPION_ALIAS}", "-h", "127.0.0.1", "-p", str(port)]
+    stderr = root / "server.err"
+    with open(root / "server.out", "wb") as out, open(stderr, "wb") as err:
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=err, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_up(url, process, stderr)
+        yield url
+    finally:
+        stop(process)
+
+
+def wait_until_up(url: str, process: subprocess.Popen, stderr: Path) -> None:
+    deadline = time.monotonic() + STARTUP_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited with {process.returncode}:\n{stderr.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"no 200 from {url}/ping within {STARTUP_S} s:\n{stderr.read_text()[-4000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """End the server's own process group (the CLI runs uvicorn as a child)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+def post(url: str, body, content_type: str = "application/json") -> tuple[int, str]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=data, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_S) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def predictions(url: str, body) -> list[dict]:
+    status, text = post(url, body)
+    assert status == 200, text[:2000]
+    return json.loads(text)["predictions"]
+
+
+def probabilities(rows: list[dict]) -> np.ndarray:
+    return np.array([[row[f"p{k}"] for k in range(config.NUM_CLASSES)] for row in rows])
+
+
+PHOTOS = [photo_bytes(2, 0, size=50), photo_bytes(7, 1, size=80)]
+PIXELS = [np.random.default_rng(0).integers(0, 256, (48, 40, 3)), np.full((40, 52), 90)]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"dataframe_split": {"columns": ["image"], "data": [[b64(p)] for p in PHOTOS]}},
+        {"dataframe_records": [{"image": b64(p)} for p in PHOTOS]},
+        {"inputs": [b64(p) for p in PHOTOS]},
+        {"instances": [b64(p) for p in PHOTOS]},
+        {
+            "inputs": [
+                "data:image/jpeg;base64," + b64(PHOTOS[0]),
+                base64.urlsafe_b64encode(PHOTOS[1]).decode(),
+            ]
+        },
+    ],
+    ids=["dataframe_split", "dataframe_records", "inputs", "instances", "data-url-and-url-safe"],
+)
+def test_base64_photos_in_every_json_shape(server, keras_model, body):
+    rows = predictions(server, body)
+    assert [list(row) for row in rows] == [COLUMNS] * len(PHOTOS)
+    batch = np.stack([images.preprocess(photo) for photo in PHOTOS]).astype(np.float32)
+    want = np.asarray(keras_model(batch, training=False))
+    np.testing.assert_allclose(probabilities(rows), want, atol=1e-5)
+    assert [row["digit"] for row in rows] == list(want.argmax(axis=1))
+    assert [row["confidence"] for row in rows] == pytest.approx(list(want.max(axis=1)), abs=1e-5)
+
+
+@pytest.mark.parametrize("shape", ["dataframe_records", "dataframe_split"])
+def test_pixels_as_nested_lists_in_the_dataframe_shapes(server, keras_model, shape):
+    cells = [pixels.tolist() for pixels in PIXELS]
+    if shape == "dataframe_records":
+        body = {"dataframe_records": [{"image": cell} for cell in cells]}
+    else:
+        body = {"dataframe_split": {"columns": ["image"], "data": [[cell] for cell in cells]}}
+    rows = predictions(server, body)
+    batch = np.stack([images.preprocess_array(pixels) for pixels in PIXELS]).astype(np.float32)
+    np.testing.assert_allclose(probabilities(rows), keras_model(batch, training=False), atol=1e-5)
+
+
+GOOD = b64(PHOTOS[0])
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"inputs": [GOOD, "%%% not base64 %%%"]}, "image 1: not valid base64"),
+        ({"inputs": [b64(b"plain text, not a photo")]}, "image 0: not an image"),
+        ({"dataframe_records": [{"image": np.zeros((8, 8, 2), int).tolist()}]}, "got shape (8, 8, 2)"),
+        ({"dataframe_split": {"columns": ["image"], "data": [[[[1, 2], [3]]]]}}, "differ in length"),
+        ({"dataframe_records": [{"image": [[300] * 9] * 9}]}, "0..255"),
+        ({"inputs": [PIXELS[0].tolist()]}, "too small"),
+        ({"dataframe_split": {"columns": ["image"], "data": []}}, "the batch is empty"),
+        ({"inputs": []}, "0 inputs"),
+        ({"inputs": [GOOD] * (config.MAX_PREDICT_BATCH + 1)}, f"at most {config.MAX_PREDICT_BATCH:,}"),
+        (b"{not json", "valid JSON"),
+        ({"images": [GOOD]}, "inputs"),
+    ],
+    ids=[
+        "garbage-base64",
+        "base64-of-text",
+        "two-channels",
+        "ragged-pixels",
+        "pixels-out-of-range",
+        "pixels-under-inputs",
+        "empty-dataframe",
+        "empty-inputs",
+        "too-many",
+        "not-json",
+        "unknown-key",
+    ],
+)
+def test_malformed_requests_get_a_400_naming_the_problem_without_a_traceback(server, body, message):
+    status, text = post(server, body)
+    assert status == 400, text[:2000]
+    answer = json.loads(text)
+    assert message in answer["message"]
+    assert "Traceback" not in text
+    assert "stack_trace" not in answer
+
+
+def test_the_server_still_answers_after_bad_requests(server):
+    for bad in ({"inputs": ["%%%"]}, {"inputs": []}, b"\xff\xfe"):
+        assert 400 <= post(server, bad)[0] < 500
+    assert len(predictions(server, {"inputs": [GOOD]})) == 1

@@ -1,0 +1,347 @@
+"""The served pyfunc: what log_model stores, the inputs predict takes and the errors it gives."""
+
+import base64
+import io
+import json
+import tempfile
+import time
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import b64, photo_bytes, tiny_classifier
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema
+from mlflow.types.schema import AnyType
+from PIL import Image
+
+from pipeline import config, images, serving
+from pipeline.errors import PipelineError
+
+COLUMNS = ["digit", "confidence", *(f"p{k}" for k in range(config.NUM_CLASSES))]
+PROBABILITIES = COLUMNS[2:]
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def pixels(shape, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def expected(model: keras.Model, batch: np.ndarray) -> np.ndarray:
+    return np.asarray(model(batch.astype(np.float32), training=False), dtype=np.float64)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def temp_files_in_tmp(tmp_path_factory):
+    """MLflow and log_model write temporary files; keep them under pytest's tmp path."""
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("tmp"))
+    yield
+    tempfile.tempdir = previous
+
+
+@pytest.fixture(scope="module")
+def keras_model() -> keras.Model:
+    return tiny_classifier()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, keras_model):
+    """The tiny model logged, registered and loaded back as a pyfunc, once for the module."""
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        experiment = mlflow.create_experiment("serving", artifact_location=(root / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment):
+            serving.log_model(keras_model, "tiny-digits", example_image=photo_bytes(3, 0))
+        model = mlflow.pyfunc.load_model("models:/tiny-digits/1")
+    mlflow.set_tracking_uri(previous)
+    return model
+
+
+@pytest.fixture(scope="module")
+def python_model(served) -> serving.SignDigitsModel:
+    return served.unwrap_python_model()
+
+
+# log_model
+
+
+def test_log_model_registers_a_version_that_loads_by_number_and_alias(mlflow_store, keras_model):
+    with mlflow.start_run():
+        info = serving.log_model(keras_model, "digits")
+    assert info.registered_model_version == 1
+    assert info.model_uri.startswith("models:/m-")
+    MlflowClient().set_registered_model_alias("digits", config.CHAMPION_ALIAS, "1")
+    photo = [b64(photo_bytes(5, 1))]
+    by_version = mlflow.pyfunc.load_model("models:/digits/1").predict(photo)
+    by_alias = mlflow.pyfunc.load_model(f"models:/digits@{config.CHAMPION_ALIAS}").predict(photo)
+    pd.testing.assert_frame_equal(by_version, by_alias)
+    assert list(by_alias.columns) == COLUMNS
+
+
+def test_log_model_stores_an_uncompiled_keras_file_code_and_pinned_requirements(
+    mlflow_store, tmp_path, keras_model
+):
+    with mlflow.start_run():
+        info = serving.log_model(keras_model, registered_model_name=None)
+    assert info.registered_model_version is None
+    folder = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "model")))
+    with zipfile.ZipFile(folder / "artifacts" / serving.KERAS_FILE) as archive:
+        assert not json.loads(archive.read("config.json"))["compile_config"]  # no optimizer
+    assert (folder / "code" / "pipeline" / "images.py").is_file()
+    requirements = (folder / "requirements.txt").read_text().split()
+    assert f"tensorflow=={metadata.version('tensorflow')}" in requirements
+    assert not any(name.startswith("keras-tuner") for name in requirements)
+
+
+def test_log_model_needs_an_active_run(mlflow_store, keras_model):
+    with pytest.raises(PipelineError, match="active MLflow run"):
+        serving.log_model(keras_model)
+
+
+def test_signature_takes_one_column_of_anything_and_example_is_a_base64_photo(served):
+    signature = served.metadata.signature
+    assert signature.inputs == Schema([ColSpec(AnyType())])
+    assert signature.outputs.input_names() == COLUMNS
+    assert [t.name for t in signature.outputs.input_types()] == ["long"] + ["double"] * 11
+    example = served.input_example
+    assert list(example.columns) == ["image"]
+    assert base64.b64decode(example["image"][0]) == photo_bytes(3, 0)
+    assert len(served.predict(example)) == 1
+
+
+def test_default_example_is_a_mid_grey_png():
+    image = Image.open(io.BytesIO(serving.grey_png()))
+    assert (image.format, image.size, image.getpixel((10, 10))) == ("PNG", (64, 64), (128, 128, 128))
+
+
+# predict: input forms
+
+
+def test_arrays_of_any_size_in_a_dataframe_column(served, keras_model):
+    photos = [
+        pixels((100, 100, 3)),
+        pixels((30, 50, 3), 1),
+        pixels((64, 64), 2),
+        pixels((40, 40, 4), 3),
+        pixels((70, 60, 3), 4).astype(np.float64) * 0.75 + 0.25,
+        pixels((64, 64, 1), 5),
+    ]
+    result = served.predict(pd.DataFrame({"image": photos}))
+    reference = np.stack([images.preprocess_array(photo) for photo in photos])
+    np.testing.assert_allclose(result[PROBABILITIES], expected(keras_model, reference), atol=1e-5)
+
+
+def test_output_columns_dtypes_and_probabilities(served):
+    result = served.predict([photo_bytes(label, 0) for label in range(4)])
+    assert list(result.columns) == COLUMNS
+    assert result["digit"].dtype == np.int64
+    assert all(result[column].dtype == np.float64 for column in COLUMNS[1:])
+    probabilities = result[PROBABILITIES].to_numpy()
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(result["digit"], probabilities.argmax(axis=1))
+    np.testing.assert_array_equal(result["confidence"], probabilities.max(axis=1))
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda data: base64.b64encode(data).decode(),
+        lambda data: base64.urlsafe_b64encode(data).decode(),
+        lambda data: base64.urlsafe_b64encode(data).decode().rstrip("="),
+        lambda data: base64.b64encode(data).decode().rstrip("="),
+        lambda data: "data:image/jpeg;base64," + base64.b64encode(data).decode(),
+        lambda data: base64.encodebytes(data).decode(),  # MIME: line breaks every 76 characters
+    ],
+    ids=["standard", "url-safe", "url-safe-unpadded", "unpadded", "data-url", "mime-lines"],
+)
+def test_base64_forms_give_the_same_answer_as_the_bytes(served, encode):
+    # photo 7 has bytes '+' and '/' in standard base64 and '-' '_' in URL-safe
+    photos = [photo_bytes(label, 7, size=40) for label in range(3)]
+    assert any(c in b64(photo) for photo in photos for c in "+/")
+    pd.testing.assert_frame_equal(served.predict([encode(photo) for photo in photos]), served.predict(photos))
+
+
+def test_jpeg_bytes_list_dict_and_column_agree(served, keras_model):
+    photos = [photo_bytes(label, 2) for label in range(5)]
+    by_list = served.predict(photos)
+    reference = np.stack([images.preprocess(photo) for photo in photos])
+    np.testing.assert_allclose(by_list[PROBABILITIES], expected(keras_model, reference), atol=1e-5)
+    for same in (
+        {"image": photos},
+        {"image": [b64(photo) for photo in photos]},
+        pd.DataFrame({"photo": photos}),
+        pd.DataFrame({"b64": [b64(photo) for photo in photos]}),
+    ):
+        pd.testing.assert_frame_equal(served.predict(same), by_list)
+
+
+def test_nested_lists_in_a_dataframe_column_match_arrays(served):
+    photos = [pixels((48, 40, 3)), pixels((50, 50), 1)]
+    by_lists = served.predict(pd.DataFrame({"image": [photo.tolist() for photo in photos]}))
+    pd.testing.assert_frame_equal(by_lists, served.predict(pd.DataFrame({"image": photos})))
+
+
+def test_4d_batches_and_lists_of_arrays_work_on_the_python_model(served, python_model):
+    batch = pixels((3, 80, 80, 3))
+    by_column = served.predict(pd.DataFrame({"image": list(batch)}))
+    pd.testing.assert_frame_equal(python_model.predict(None, batch), by_column)
+    pd.testing.assert_frame_equal(python_model.predict(None, list(batch)), by_column)
+
+
+def test_pyfunc_schema_check_refuses_bare_arrays_so_send_a_dataframe_column(served):
+    batch = pixels((2, 64, 64, 3))
+    for bare in (batch, list(batch)):
+        with pytest.raises(MlflowException, match="Failed to enforce schema"):
+            served.predict(bare)
+
+
+def test_batch_is_chunked_in_order_and_compiled_once(python_model):
+    photos = [pixels((64, 64, 3), seed) for seed in range(2 * config.PREDICT_CHUNK_SIZE + 3)]
+    together = python_model.predict(None, photos)
+    picked = [0, config.PREDICT_CHUNK_SIZE, len(photos) - 1]  # one from each chunk
+    one_by_one = pd.concat([python_model.predict(None, [photos[i]]) for i in picked], ignore_index=True)
+    pd.testing.assert_frame_equal(together.iloc[picked].reset_index(drop=True), one_by_one, atol=1e-6)
+    assert python_model._infer.experimental_get_tracing_count() == 1
+
+
+def test_build_batch_gives_the_pixels_ingest_gives(served):
+    jpeg, rgba = photo_bytes(4, 3, size=90), pixels((33, 47, 4))
+    grey, floats = pixels((20, 64)), pixels((64, 30, 3)).astype(np.float32)
+    batch = serving.build_batch(
+        pd.DataFrame({"image": [jpeg, b64(jpeg), rgba, grey.tolist(), floats, rgba[..., :3]]})
+    )
+    want = [images.preprocess(jpeg)] * 2 + [
+        images.preprocess_array(photo) for photo in (rgba, grey, floats, rgba[..., :3])
+    ]
+    assert batch.dtype == np.uint8
+    assert batch.shape == (6, config.IMAGE_SIZE, config.IMAGE_SIZE, 3)
+    np.testing.assert_array_equal(batch, np.stack(want))
+
+
+# predict: errors
+
+GOOD = b64(photo_bytes(1, 0))
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        pytest.param("!!not*base64!!", "not valid base64", id="garbage-base64"),
+        pytest.param("QUJD" * 3 + "Q", "not valid base64", id="base64-bad-length"),
+        pytest.param(b64(b"just some text, not a photo"), "not an image", id="base64-of-text"),
+        pytest.param("data:image/png,rawbytes", "data URL must be base64", id="data-url-not-base64"),
+        pytest.param("", "empty", id="empty-string"),
+        pytest.param(png(pixels((64, 64, 3)))[:200], "broken or truncated", id="truncated-png-bytes"),
+        pytest.param(pixels((64,)).tolist(), "shape", id="rank-1"),
+        pytest.param(pixels((2, 64, 64, 3)), "shape", id="rank-4"),
+        pytest.param(pixels((64, 64, 2)), "got shape (64, 64, 2)", id="two-channels"),
+        pytest.param(np.full((64, 64, 3), "a"), "expected numbers", id="strings"),
+        pytest.param(np.ones((64, 64), dtype=bool), "expected numbers", id="booleans"),
+        pytest.param(np.full((64, 64), np.nan), "NaN or infinity", id="nan"),
+        pytest.param(np.full((64, 64), np.inf), "NaN or infinity", id="inf"),
+        pytest.param(np.full((64, 64), 256.0), "0..255", id="above-255"),
+        pytest.param(-pixels((64, 64)).astype(np.int16) - 1, "0..255", id="negative"),
+        pytest.param([[1, 2, 3], [4, 5]], "differ in length", id="ragged-lists"),
+        pytest.param([[None] * 9] * 9, "not all numbers", id="none-pixels"),
+        pytest.param(pixels((30, 3)), "too small", id="one-row-of-pixels"),
+        pytest.param(None, "missing", id="none"),
+        pytest.param(3.5, "cannot read an image from float", id="number"),
+    ],
+)
+def test_a_bad_item_is_refused_naming_it_and_what_to_send(served, bad, message):
+    column = pd.Series([GOOD, GOOD, bad, GOOD], dtype=object)
+    with pytest.raises(MlflowException) as raised:
+        served.predict(pd.DataFrame({"image": column}))
+    assert raised.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert raised.value.message.startswith("image 2: ")
+    assert message in raised.value.message
+    assert "send " in raised.value.message
+
+
+def test_an_empty_batch_is_refused(served, python_model):
+    with pytest.raises(MlflowException, match="the batch is empty") as raised:
+        served.predict(pd.DataFrame({"image": []}))
+    assert raised.value.error_code == "INVALID_PARAMETER_VALUE"
+    with pytest.raises(MlflowException, match="the batch is empty"):
+        python_model.predict(None, [])
+
+
+def test_a_batch_over_the_limit_is_refused_before_decoding(served):
+    tiny = b64(png(pixels((8, 8, 3))))
+    # item 0 is garbage: had anything been decoded, that would be the error
+    photos = ["!garbage!"] + [tiny] * config.MAX_PREDICT_BATCH
+    start = time.perf_counter()
+    with pytest.raises(MlflowException, match=f"at most {config.MAX_PREDICT_BATCH:,}") as raised:
+        served.predict(pd.DataFrame({"image": photos}))
+    assert time.perf_counter() - start < 1.0
+    assert raised.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert f"{config.MAX_PREDICT_BATCH + 1:,} images" in raised.value.message
+    assert len(serving.build_batch([tiny] * config.MAX_PREDICT_BATCH)) == config.MAX_PREDICT_BATCH
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pd.DataFrame({"a": [GOOD], "b": [GOOD]}),
+        {"image": [GOOD], "other": [GOOD]},
+        pixels((64, 64, 3)),
+        GOOD,
+    ],
+    ids=["two-columns", "two-keys", "3d-array", "bare-string"],
+)
+def test_the_python_model_refuses_inputs_it_cannot_read(python_model, bad):
+    with pytest.raises(MlflowException, match="send a|expected a") as raised:
+        python_model.predict(None, bad)
+    assert raised.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+# bf16 training, float32 serving
+
+
+@pytest.mark.slow
+def test_a_bf16_resnet50_is_served_in_float32_agreeing_with_it(mlflow_store, tmp_path):
+    from pipeline.resnet import build_resnet50
+
+    keras.utils.set_random_seed(0)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = build_resnet50((config.IMAGE_SIZE, config.IMAGE_SIZE, 3), config.NUM_CLASSES)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    # Spread the logits, so the comparison is not between near-uniform outputs.
+    kernel, bias = model.get_layer("fc").get_weights()
+    rng = np.random.default_rng(0)
+    spread = rng.normal(0, 20 / np.sqrt(len(kernel)), kernel.shape).astype(np.float32)
+    model.get_layer("fc").set_weights([spread, bias])
+    with mlflow.start_run():
+        info = serving.log_model(model, "resnet")
+    folder = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "model")))
+    size = (folder / "artifacts" / serving.KERAS_FILE).stat().st_size
+    assert size < 120e6, f"{size / 1e6:.1f} MB: optimizer state or bf16 copies slipped in"
+
+    served = mlflow.pyfunc.load_model(f"models:/resnet/{info.registered_model_version}")
+    loaded = served.unwrap_python_model().model
+    assert {layer.dtype_policy.name for layer in loaded.layers} == {"float32"}
+    assert {weight.dtype for weight in loaded.weights} == {"float32"}
+    photos = [pixels((64, 64, 3), seed) for seed in range(6)]
+    served_probabilities = served.predict(pd.DataFrame({"image": photos}))[PROBABILITIES].to_numpy()
+    bf16_probabilities = expected(model, serving.build_batch(photos))
+    np.testing.assert_allclose(served_probabilities, bf16_probabilities, atol=1e-2)
+    np.testing.assert_array_equal(served_probabilities.argmax(axis=1), bf16_probabilities.argmax(axis=1))

@@ -1,0 +1,296 @@
+"""The tune stage: the hyperparameter space, what reaches training, MLflow runs per trial, resume."""
+
+import json
+import math
+from pathlib import Path
+
+import keras
+import keras_tuner
+import mlflow
+import pandas as pd
+import pytest
+import tensorflow as tf
+from conftest import make_tree
+
+from pipeline import config, ingest, onehot, tune
+from pipeline.errors import PipelineError
+
+EPOCHS = 1
+
+
+@pytest.fixture(scope="module")
+def arrays(tmp_path_factory):
+    """20 training and 10 validation photos of 32x32 (4 per digit, ingested for real)."""
+    root = tmp_path_factory.mktemp("tune-data")
+    source = make_tree(root / "photos", per_class=4)
+    result = ingest.run(str(source), root / "ingest", image_size=32, data_dir=root / "cache")
+    encoded = {f"y_{split}": onehot.encode(result.arrays[f"y_{split}"]) for split in config.SPLITS}
+    return {**{f"x_{split}": result.arrays[f"x_{split}"] for split in config.SPLITS}, **encoded}
+
+
+@pytest.fixture(autouse=True)
+def tuner_dir(tmp_path, monkeypatch):
+    """Keras Tuner state under tmp_path; the global dtype policy back to float32 afterwards."""
+    monkeypatch.setenv(config.TUNER_DIR_ENV, str(tmp_path / "tuner"))
+    yield tmp_path / "tuner"
+    keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.fixture
+def eager():
+    """Run Keras' train step eagerly: tracing ResNet50's train graph costs 30-45 s per trial
+    on 2 cores, against ~5 s for a whole eager 1-epoch trial on these 20 photos. Searches
+    in graph mode (the production path) are measured outside the suite."""
+    tf.config.run_functions_eagerly(True)
+    yield
+    tf.config.run_functions_eagerly(False)
+
+
+@pytest.fixture
+def onehot_run(mlflow_store, tmp_path):
+    """A finished ingest and onehot run over the small photos, in the test store."""
+    source = make_tree(tmp_path / "photos", per_class=4)
+    ingest.main(["--source", str(source), "--image-size", "32"])
+    onehot.main([])
+    return stage_runs("onehot")[0]
+
+
+def stage_runs(stage):
+    return mlflow.search_runs(
+        experiment_names=["tests"],
+        filter_string=f"tags.`{config.STAGE_TAG}` = '{stage}'",
+        order_by=["attributes.start_time ASC"],
+        output_format="list",
+    )
+
+
+def children(parent):
+    return mlflow.search_runs(
+        experiment_names=["tests"],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+        output_format="list",
+    )
+
+
+def artifact(run, name):
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, artifact_path=f"{config.TUNE_ARTIFACT}/{name}"
+        )
+    )
+
+
+def hyperparameters(**values):
+    hp = keras_tuner.HyperParameters()
+    tune.ResNetHyperModel({}, EPOCHS).declare_hyperparameters(hp)
+    hp.values.update(values)
+    return hp
+
+
+def tiny_model():
+    model = keras.Sequential(
+        [keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10, "softmax")]
+    )
+    model.compile("sgd", "categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def tune_main(*options):
+    tune.main(["--epochs-per-trial", str(EPOCHS), "--precision", "float32", *options])
+
+
+# Unit
+
+
+def test_both_hyperparameters_are_declared_before_any_build():
+    space = {hp.name: hp for hp in hyperparameters().space}
+    assert set(space) == {"learning_rate", "batch_size"}
+    rate = space["learning_rate"]
+    assert isinstance(rate, keras_tuner.engine.hyperparameters.Float)
+    assert (rate.min_value, rate.max_value) == config.LEARNING_RATE_RANGE and rate.sampling == "log"
+    assert list(space["batch_size"].values) == list(config.BATCH_SIZES)
+
+
+@pytest.mark.parametrize("batch_size", [16, 32])
+def test_the_trial_batch_size_batches_fit_and_kwargs_pass_through(arrays, batch_size):
+    hypermodel = tune.ResNetHyperModel(arrays, EPOCHS, augment=True)
+    seen = []
+    callback = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(epoch))
+    history = hypermodel.fit(
+        hyperparameters(batch_size=batch_size), tiny_model(), epochs=2, callbacks=[callback], verbose=0
+    )
+    assert history.params["steps"] == math.ceil(len(arrays["x_train"]) / batch_size)
+    assert seen == [0, 1] and set(history.history) >= {"loss", "val_accuracy"}
+
+
+@pytest.mark.slow
+def test_build_compiles_the_trial_learning_rate_and_keeps_precision_after_clear_session(arrays):
+    hypermodel = tune.ResNetHyperModel(arrays, epochs=3, precision="mixed_bfloat16")
+    keras.backend.clear_session()  # Keras Tuner does this before every build; it resets the dtype policy
+    model = hypermodel.build(hyperparameters(learning_rate=2e-4, batch_size=16))
+    assert model.get_layer("res2a_branch2a").dtype_policy.name == "mixed_bfloat16"
+    schedule = keras.optimizers.schedules.deserialize(model.optimizer.get_config()["learning_rate"])
+    total = math.ceil(len(arrays["x_train"]) / 16) * 3
+    assert schedule.warmup_steps + schedule.decay_steps == total
+    peak = max(float(schedule(step)) for step in range(total + 1))
+    assert peak == pytest.approx(2e-4)
+
+
+def test_project_name_names_the_search_but_not_its_budget(arrays):
+    base = {"oracle": "bayesian", "epochs_per_trial": 8, "seed": 42, "augment": True, "precision": "float32"}
+    name = tune.project_name(arrays, **base, project_key="run-a")
+    assert name == tune.project_name(arrays, **base, project_key="run-a")
+    assert name.startswith("bayesian-")
+    changes = [
+        {"seed": 43},
+        {"oracle": "random"},
+        {"epochs_per_trial": 9},
+        {"augment": False},
+        {"precision": "mixed_bfloat16"},
+    ]
+    others = {tune.project_name(arrays, **{**base, **change}, project_key="run-a") for change in changes}
+    others.add(tune.project_name(arrays, **base, project_key="run-b"))
+    others.add(tune.project_name({**arrays, "x_train": arrays["x_train"][:-1]}, **base, project_key="run-a"))
+    assert len(others) == len(changes) + 2 and name not in others
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--oracle", "annealing"], "--oracle: invalid choice: 'annealing'"),
+        (["--max-trials", "0"], "--max-trials: must be a whole number >= 1"),
+        (["--epochs-per-trial", "0"], "--epochs-per-trial: must be a whole number >= 1"),
+        (["--augment", "maybe"], "--augment: must be true or false"),
+        (["--precision", "float16"], "--precision: invalid choice"),
+    ],
+)
+def test_bad_options_exit_2_naming_the_option_and_log_nothing(mlflow_store, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"oracle": "annealing"}, "oracle"),
+        ({"max_trials": 0}, "max_trials"),
+        ({"epochs_per_trial": 0}, "epochs"),
+    ],
+)
+def test_run_refuses_impossible_parameters_before_any_work(arrays, tmp_path, tuner_dir, options, name):
+    with pytest.raises(PipelineError, match=name):
+        tune.run(arrays, tmp_path / "out", **options)
+    assert not tuner_dir.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_broken_search_state_asks_for_resume_false(mlflow_store, arrays, tmp_path, tuner_dir):
+    project = tuner_dir / tune.project_name(arrays, "random", EPOCHS, config.SEED, config.AUGMENT, "float32")
+    project.mkdir(parents=True)
+    for name in ("oracle.json", "tuner0.json"):
+        (project / name).write_text('{"ongoing_trials": ')
+    with pytest.raises(PipelineError, match=f"{project.name}.*resume=false"):
+        tune.run(arrays, tmp_path / "out", oracle="random", epochs_per_trial=EPOCHS, precision="float32")
+
+
+def test_failing_trials_mark_their_runs_failed_and_stop_the_search(mlflow_store, arrays, tmp_path):
+    class Broken(tune.ResNetHyperModel):
+        def build(self, hp):
+            self.declare_hyperparameters(hp)
+            return tiny_model()
+
+        def fit(self, hp, model, *args, **kwargs):
+            raise ValueError("diverged")
+
+    tuner = tune.make_tuner(
+        "random", Broken(arrays, EPOCHS), 5, EPOCHS, 0, tmp_path / "tuner", "broken", True
+    )
+    with mlflow.start_run() as parent, pytest.raises(PipelineError, match="consecutive failures.*diverged"):
+        tune.search(tuner, EPOCHS)
+    runs = children(parent)
+    assert len(runs) == 3
+    assert {run.info.status for run in runs} == {"FAILED"}
+    assert all(run.data.metrics["rss_mib"] > 0 for run in runs)
+
+
+# Integration
+
+
+@pytest.mark.slow
+def test_search_logs_a_parent_run_and_one_child_run_per_trial(onehot_run, eager):
+    tune_main("--max-trials", "2")
+    (parent,) = stage_runs("tune")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[config.ONEHOT_RUN_TAG] == onehot_run.info.run_id
+    runs = children(parent)
+    assert len(runs) == 2
+    client = mlflow.MlflowClient()
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags[config.STAGE_TAG] == "tune-trial"
+        assert run.data.tags[tune.TRIAL_ID_TAG] in {"0", "1"}
+        assert float(run.data.params["learning_rate"]) > 0
+        assert int(run.data.params["batch_size"]) in config.BATCH_SIZES
+        assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == EPOCHS
+        assert run.data.metrics["rss_mib"] > 100
+    assert {run.data.tags[tune.TRIAL_ID_TAG] for run in runs} == {"0", "1"}
+    best = json.loads(artifact(parent, config.BEST_PARAMS_FILE).read_text())
+    assert set(best) == {"learning_rate", "batch_size"}
+    assert parent.data.params["best_learning_rate"] == str(best["learning_rate"])
+    assert parent.data.params["best_batch_size"] == str(best["batch_size"])
+    assert 0 <= parent.data.metrics["best_val_accuracy"] <= 1
+    trials = pd.read_csv(artifact(parent, config.TRIALS_FILE), dtype={"trial_id": str})
+    assert list(trials.columns) == tune.TRIAL_COLUMNS
+    assert len(trials) == 2 and set(trials["status"]) == {"COMPLETED"}
+    assert set(trials["run_id"]) == {run.info.run_id for run in runs}
+    assert artifact(parent, config.TRIALS_PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_resume_runs_only_new_trials_and_no_resume_starts_over(onehot_run, eager, tuner_dir):
+    tune_main("--max-trials", "1", "--oracle", "random")
+    tune_main("--max-trials", "2", "--oracle", "random", "--resume", "true")
+    first, second = stage_runs("tune")
+    assert [run.data.tags[tune.TRIAL_ID_TAG] for run in children(first)] == ["0"]
+    assert [run.data.tags[tune.TRIAL_ID_TAG] for run in children(second)] == ["1"]
+    assert second.data.metrics["num_new_trials"] == 1 and second.data.metrics["num_trials"] == 2
+    trials = pd.read_csv(artifact(second, config.TRIALS_FILE), dtype={"trial_id": str})
+    assert list(trials["trial_id"]) == ["0", "1"]
+    assert list(trials["run_id"]) == [children(first)[0].info.run_id, children(second)[0].info.run_id]
+    # Without resume the same search starts from trial 0 again, in the same folder.
+    tune_main("--max-trials", "1", "--oracle", "random", "--resume", "false")
+    third = stage_runs("tune")[2]
+    assert [run.data.tags[tune.TRIAL_ID_TAG] for run in children(third)] == ["0"]
+    assert third.data.tags[tune.PROJECT_TAG] == first.data.tags[tune.PROJECT_TAG]
+    assert [path.name for path in tuner_dir.iterdir()] == [first.data.tags[tune.PROJECT_TAG]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("oracle", ["random", "grid", "hyperband"])
+def test_each_oracle_runs_a_one_trial_search(mlflow_store, arrays, eager, tmp_path, oracle):
+    with mlflow.start_run() as parent:
+        result = tune.run(
+            arrays,
+            tmp_path / "out",
+            oracle=oracle,
+            max_trials=1,
+            epochs_per_trial=EPOCHS,
+            precision="float32",
+        )
+    trials = result["trials"]
+    assert len(trials) == 1 and trials.loc[0, "status"] == "COMPLETED" and trials.loc[0, "epochs"] == EPOCHS
+    assert trials.loc[0, "run_id"] == children(parent)[0].info.run_id
+    if oracle == "grid":  # the grid starts at the defaults
+        assert result["best_params"] == {
+            "learning_rate": config.LEARNING_RATE,
+            "batch_size": config.BATCH_SIZE,
+        }
+    checkpoints = list(Path(result["project_dir"]).glob("trial_*/checkpoint*"))
+    assert len(checkpoints) == (1 if oracle == "hyperband" else 0)  # only Hyperband reads them again
+    assert {path.name for path in (tmp_path / "out").iterdir()} == {
+        config.BEST_PARAMS_FILE,
+        config.TRIALS_FILE,
+        config.TRIALS_PLOT_FILE,
+    }
