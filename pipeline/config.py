@@ -73,6 +73,7 @@ LOGGED_MODEL_NAME = "model"
 SPLITS = ("train", "val", "test")
 
 # Training (train and every tuning trial share these)
+PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 PRECISION = "auto"  # mixed_bfloat16 where the CPU or GPU computes bf16 natively, else float32
 LEARNING_RATE = 1e-3
 BATCH_SIZE = 64

@@ -15,7 +15,6 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 
 
 def bf16_is_native() -> bool:
@@ -33,8 +32,8 @@ def bf16_is_native() -> bool:
 
 def set_precision(precision: str = config.PRECISION) -> str:
     """Set Keras' global dtype policy; `auto` picks mixed_bfloat16 only where it is fast."""
-    if precision not in PRECISIONS:
-        raise PipelineError(f"precision={precision!r}: must be one of {', '.join(PRECISIONS)}")
+    if precision not in config.PRECISIONS:
+        raise PipelineError(f"precision={precision!r}: must be one of {', '.join(config.PRECISIONS)}")
     if precision == "auto":
         precision = "mixed_bfloat16" if bf16_is_native() else "float32"
     keras.mixed_precision.set_global_policy(precision)

@@ -78,20 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-trials", type=cli.non_negative_int, default=config.MAX_TRIALS, help="0 skips the search"
     )
     parser.add_argument("--epochs-per-trial", type=cli.positive_int, default=config.EPOCHS_PER_TRIAL)
-    parser.add_argument(
-        "--learning-rate", type=cli.positive_float, default=config.LEARNING_RATE, help="when not tuning"
-    )
-    parser.add_argument(
-        "--batch-size", type=cli.positive_int, default=config.BATCH_SIZE, help="when not tuning"
-    )
-    parser.add_argument("--epochs", type=cli.positive_int, default=config.EPOCHS)
-    parser.add_argument("--patience", type=cli.non_negative_int, default=config.PATIENCE)
-    parser.add_argument("--min-epochs", type=cli.non_negative_int, default=config.MIN_EPOCHS)
-    parser.add_argument("--augment", type=cli.boolean, default=config.AUGMENT)
-    parser.add_argument(
-        "--precision", choices=("auto", "float32", "mixed_bfloat16"), default=config.PRECISION
-    )
-    parser.add_argument("--model-name", default=config.MODEL_NAME)
+    train.add_options(parser)
     parser.add_argument("--min-accuracy", type=cli.unit_interval, default=config.MIN_ACCURACY)
     parser.add_argument(
         "--env-manager",

@@ -141,23 +141,28 @@ def example_png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def add_options(parser) -> None:
+    """The training options (main passes the same ones through)."""
+    parser.add_argument(
+        "--learning-rate", type=cli.positive_float, default=config.LEARNING_RATE, help="unless tuned"
+    )
+    parser.add_argument("--batch-size", type=cli.positive_int, default=config.BATCH_SIZE, help="unless tuned")
+    parser.add_argument("--epochs", type=cli.positive_int, default=config.EPOCHS)
+    parser.add_argument("--patience", type=cli.non_negative_int, default=config.PATIENCE)
+    parser.add_argument("--min-epochs", type=cli.non_negative_int, default=config.MIN_EPOCHS)
+    parser.add_argument("--augment", type=cli.boolean, default=config.AUGMENT)
+    parser.add_argument("--precision", choices=config.PRECISIONS, default=config.PRECISION)
+    parser.add_argument("--model-name", default=config.MODEL_NAME, help="registered model name")
+
+
 def parse_args(argv: list[str] | None):
     parser = cli.parser("train", __doc__.splitlines()[0])
     parser.add_argument("--onehot-run-id", default="", help="onehot run to train on (default: the latest)")
     parser.add_argument(
         "--tune-run-id", default="", help="take learning rate and batch size from this search"
     )
-    parser.add_argument("--learning-rate", type=cli.positive_float, default=config.LEARNING_RATE)
-    parser.add_argument("--batch-size", type=cli.positive_int, default=config.BATCH_SIZE)
-    parser.add_argument("--epochs", type=cli.positive_int, default=config.EPOCHS)
-    parser.add_argument("--patience", type=cli.non_negative_int, default=config.PATIENCE)
-    parser.add_argument("--min-epochs", type=cli.non_negative_int, default=config.MIN_EPOCHS)
-    parser.add_argument("--augment", type=cli.boolean, default=config.AUGMENT)
+    add_options(parser)
     parser.add_argument("--seed", type=cli.non_negative_int, default=config.SEED)
-    parser.add_argument(
-        "--precision", choices=("auto", "float32", "mixed_bfloat16"), default=config.PRECISION
-    )
-    parser.add_argument("--model-name", default=config.MODEL_NAME, help="registered model name")
     return parser.parse_args(argv)
 
 

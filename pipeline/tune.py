@@ -433,7 +433,7 @@ def parse_args(argv: list[str] | None):
     )
     parser.add_argument("--seed", type=cli.non_negative_int, default=config.SEED)
     parser.add_argument("--augment", type=cli.boolean, default=config.AUGMENT)
-    parser.add_argument("--precision", choices=fitting.PRECISIONS, default=config.PRECISION)
+    parser.add_argument("--precision", choices=config.PRECISIONS, default=config.PRECISION)
     parser.add_argument(
         "--resume", type=cli.boolean, default=True, help="continue a search with the same parameters"
     )
