@@ -91,7 +91,8 @@ class ResNetHyperModel(keras_tuner.HyperModel):
             seed=self.seed,
         )
         val = data.dataset(self.arrays["x_val"], self.arrays["y_val"], batch_size)
-        return model.fit(train, validation_data=val, **kwargs)
+        # The dataset shuffles itself; Keras' own shuffle only warns on a tf.data input.
+        return model.fit(train, validation_data=val, shuffle=False, **kwargs)
 
 
 class MlflowTrials:
