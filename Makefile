@@ -1,6 +1,8 @@
 # Two commands for a fresh machine with Python 3.11+:
 #   make run    set up .venv and run the pipeline (`mlflow run .`, entry point main)
 #   make test   set up .venv and run the test suite
+# A tracking server for a team (PostgreSQL on 127.0.0.1, needs Debian's postgresql package):
+#   make server / make server-auth / make server-stop    (deploy/tracking-server.sh)
 # `make run SOURCE=path/to/archive.zip` takes another source than the public archive.
 
 PYTHON ?= python3
@@ -13,7 +15,7 @@ RUN_ARGS ?=
 export PATH := $(BIN):$(PATH)
 export MLFLOW_EXPERIMENT_NAME ?= sign-language-digits
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint clean server server-auth server-stop
 
 setup: $(VENV)/.installed
 
@@ -28,6 +30,15 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+server: setup
+	PYTHON=$(BIN)/python deploy/tracking-server.sh start
+
+server-auth: setup
+	PYTHON=$(BIN)/python deploy/tracking-server.sh start --auth
+
+server-stop:
+	deploy/tracking-server.sh stop
 
 lint: setup
 	$(BIN)/ruff check pipeline tests
