@@ -51,12 +51,20 @@ def stage_run(stage: str, params: Mapping[str, Any]) -> Iterator[Run]:
 
     Under `mlflow run` this resumes the run MLflow created for the entry point;
     otherwise it starts a new run in the project's experiment. The run ends
-    FAILED on an error and KILLED on Ctrl-C, so no run is left RUNNING.
+    FAILED on an error and KILLED on Ctrl-C, so no run is left RUNNING. Raises
+    PipelineError when the tracking store refuses the run (e.g. a server that
+    wants credentials, or a user without EDIT permission on the experiment).
     """
     configure()
-    if not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(config.experiment_name())
-    run = mlflow.start_run()
+    try:
+        if not os.environ.get("MLFLOW_RUN_ID"):
+            mlflow.set_experiment(config.experiment_name())
+        run = mlflow.start_run()
+    except MlflowException as error:
+        # A tracking server with authentication says no here: no credentials, or no permission.
+        raise PipelineError(
+            f"{config.tracking_uri()} did not start the {stage} run: {error.message}"
+        ) from None
     try:
         mlflow.set_tags({config.STAGE_TAG: stage, **code_version()})
         log_new_params(run, params)
