@@ -60,7 +60,14 @@ superuser_sql() {  # SQL on stdin, as the cluster's superuser over the socket (p
   as_db_owner "$PG/psql" -q -X -v ON_ERROR_STOP=1 -h "$DB_DIR" -p "$DB_PORT" -d postgres >/dev/null
 }
 
-pg_running() { [ -n "$PG" ] && [ -f "$DB_DIR/data/PG_VERSION" ] && as_db_owner "$PG/pg_ctl" -D "$DB_DIR/data" status >/dev/null 2>&1; }
+# The postmaster's pid when it runs. Read by the invoking user and signalled directly (not through
+# pg_ctl as the cluster's owner), so status and stop work even where that owner can no longer reach
+# the state folder.
+postmaster_pid() {
+  local pid
+  pid=$(head -n 1 "$DB_DIR/data/postmaster.pid" 2>/dev/null) || return 1
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+}
 
 mlflow_pid() {  # the server's pid when it runs
   local pid
@@ -104,7 +111,7 @@ SQL
 }
 
 start_postgres() {
-  pg_running && return
+  postmaster_pid >/dev/null && return
   as_db_owner "$PG/pg_ctl" -D "$DB_DIR/data" -l "$DB_DIR/postgres.log" -o "-p $DB_PORT" -w -t 60 start >/dev/null ||
     die "PostgreSQL did not start; see $DB_DIR/postgres.log"
   say "PostgreSQL listens on 127.0.0.1:$DB_PORT"
@@ -175,15 +182,17 @@ start() {
 
 stop() {
   stop_mlflow
-  if pg_running; then
-    as_db_owner "$PG/pg_ctl" -D "$DB_DIR/data" -m fast -w stop >/dev/null
-    say "PostgreSQL stopped"
-  fi
+  local pid
+  pid=$(postmaster_pid) || return 0
+  kill -INT "$pid"  # PostgreSQL's fast shutdown: roll back open transactions, checkpoint, exit
+  for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  ! kill -0 "$pid" 2>/dev/null || die "PostgreSQL (pid $pid) did not stop; see $DB_DIR/postgres.log"
+  say "PostgreSQL stopped"
 }
 
 status() {
   local ok=0
-  if pg_running; then say "PostgreSQL runs ($DB_DIR/data)"; else say "PostgreSQL is stopped"; ok=3; fi
+  if postmaster_pid >/dev/null; then say "PostgreSQL runs ($DB_DIR/data)"; else say "PostgreSQL is stopped"; ok=3; fi
   if mlflow_pid >/dev/null; then say "mlflow server runs (pid $(mlflow_pid)):"; cat "$STATE/env"; else say "mlflow server is stopped"; ok=3; fi
   return $ok
 }
