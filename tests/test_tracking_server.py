@@ -14,6 +14,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -73,44 +74,36 @@ class Server:
 
 
 @contextlib.contextmanager
-def reachable_by_postgres(folder: Path):
-    """Let PostgreSQL's OS user pass through `folder` and the folders above it while the server runs.
+def state_folder():
+    """A fresh folder for PostgreSQL and the server, outside pytest's private temporary root.
 
-    As root, the script runs PostgreSQL as `postgres`, which must reach its data folder to start;
-    pytest makes its temporary root private (0700), and any pytest session that starts meanwhile
-    makes it private again (the script stops the server without that access). Traversal only
-    (o+x), undone afterwards.
+    As root, the script runs PostgreSQL as `postgres`, which must reach its data folder; pytest's
+    temporary root is private to root (0700), so the folder lives directly under the system's
+    temporary directory instead, and is removed at the end.
     """
-    changed = []
-    if os.geteuid() == 0:
-        for parent in (folder, *folder.parents):
-            mode = stat.S_IMODE(parent.stat().st_mode)
-            if not mode & stat.S_IXOTH:
-                parent.chmod(mode | stat.S_IXOTH)
-                changed.append((parent, mode))
+    folder = Path(tempfile.mkdtemp(prefix="sign-digits-tracking-server-"))
+    folder.chmod(0o755)
     try:
-        yield
+        yield folder
     finally:
-        for parent, mode in reversed(changed):
-            parent.chmod(mode)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def started(tmp_path_factory, *options: str):
+def started(*options: str):
     """PostgreSQL and `mlflow server` on free loopback ports, stopped at the end even on failure."""
-    state = tmp_path_factory.mktemp("tracking-server")
-    env = {
-        **os.environ,
-        "TRACKING_SERVER_DIR": str(state),
-        "TRACKING_SERVER_PORT": str(free_port()),
-        "TRACKING_DB_PORT": str(free_port()),
-        "PYTHON": sys.executable,
-        # One worker and no GenAI job runners: less load, and no scratch folders in /dev/shm.
-        "MLFLOW_WORKERS": "1",
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-    }
-    server = Server(state, env)
-    with reachable_by_postgres(state):
+    with state_folder() as state:
+        env = {
+            **os.environ,
+            "TRACKING_SERVER_DIR": str(state),
+            "TRACKING_SERVER_PORT": str(free_port()),
+            "TRACKING_DB_PORT": str(free_port()),
+            "PYTHON": sys.executable,
+            # One worker and no GenAI job runners: less load, and no scratch folders in /dev/shm.
+            "MLFLOW_WORKERS": "1",
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        }
+        server = Server(state, env)
         try:
             done = server.script("start", *options)
             if done.returncode != 0:
@@ -123,14 +116,14 @@ def started(tmp_path_factory, *options: str):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with started(tmp_path_factory) as running:
+def server():
+    with started() as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def auth_server(tmp_path_factory):
-    with started(tmp_path_factory, "--auth") as running:
+def auth_server():
+    with started("--auth") as running:
         yield running
 
 
