@@ -105,6 +105,7 @@ MODEL_NAME = "sign-digits-resnet50"
 CHAMPION_ALIAS = "champion"
 MIN_ACCURACY = 0.99
 MAX_PREDICT_BATCH = 1024  # images in one pyfunc call or HTTP request
+SERVING_PRECISION = "auto"  # one of PRECISIONS; the served ResNet-50 also has its batch norms folded
 PREDICT_CHUNK_SIZE = 64  # images per forward pass of the served model; bounds a request's memory
 MIN_PHOTO_SIDE = 8  # pixels; smaller "photos" are rows of pixels MLflow split off a JSON array
 

@@ -89,7 +89,8 @@ class SignDigitsModel(mlflow.pyfunc.PythonModel):
     """Photos of hand signs in, digits and class probabilities out (see the module docstring)."""
 
     def load_context(self, context) -> None:
-        self.model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
+        trained = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
+        self.model = inference_model(trained)
         _, height, width, channels = self.model.input_shape
         if height != width or channels != 3:
             raise PipelineError(f"the served model needs square RGB input; got {self.model.input_shape}")
@@ -111,6 +112,22 @@ class SignDigitsModel(mlflow.pyfunc.PythonModel):
             for start in range(0, len(pixels), config.PREDICT_CHUNK_SIZE)
         ]
         return predictions_frame(np.concatenate(chunks))
+
+
+def inference_model(model: keras.Model) -> keras.Model:
+    """The model to serve: a ResNet-50's batch norms folded into its convolutions, computed in
+    bfloat16 where this machine does that natively (config.SERVING_PRECISION); other models
+    as they are."""
+    from pipeline import fitting, resnet
+
+    if not any(layer.name == "bn_conv1" for layer in model.layers):
+        return model
+    policy = keras.mixed_precision.global_policy()
+    try:
+        fitting.set_precision(config.SERVING_PRECISION)
+        return resnet.fold_batch_norm(model)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
 
 
 def predictions_frame(probabilities: np.ndarray) -> pd.DataFrame:

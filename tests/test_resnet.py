@@ -152,3 +152,38 @@ def test_other_input_sizes(size):
 def test_rejects_bad_arguments(kwargs, parameter):
     with pytest.raises(ValueError, match=parameter):
         build_resnet50(**kwargs)
+
+
+@pytest.mark.slow
+def test_folded_batch_norm_computes_the_same_function():
+    from pipeline.resnet import fold_batch_norm
+
+    rng = np.random.default_rng(0)
+    trained = build_resnet50((32, 32, 3), 10)
+    for layer in trained.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, gamma.shape),
+                    rng.normal(0, 0.1, beta.shape),
+                    rng.normal(0, 0.1, mean.shape),
+                    rng.uniform(0.5, 2.0, variance.shape),
+                ]
+            )
+    folded = fold_batch_norm(trained)
+    pixels = rng.integers(0, 256, (8, 32, 32, 3)).astype("float32")
+    expected = trained(pixels, training=False).numpy()
+    got = folded(pixels, training=False).numpy()
+    assert not any(isinstance(layer, layers.BatchNormalization) for layer in folded.layers)
+    assert len(folded.layers) == len(trained.layers) - 53
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert expected.std() > 0.01  # the random statistics really changed the output
+
+
+def test_folding_refuses_another_model():
+    from pipeline.resnet import fold_batch_norm
+
+    other = keras.Sequential([keras.Input((32, 32, 3)), layers.Flatten(), layers.Dense(10)])
+    with pytest.raises(ValueError, match="build_resnet50"):
+        fold_batch_norm(other)

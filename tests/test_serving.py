@@ -316,7 +316,7 @@ def test_the_python_model_refuses_inputs_it_cannot_read(python_model, bad):
 
 
 @pytest.mark.slow
-def test_a_bf16_resnet50_is_served_in_float32_agreeing_with_it(mlflow_store, tmp_path):
+def test_a_bf16_resnet50_is_stored_in_float32_and_served_folded_agreeing_with_it(mlflow_store, tmp_path):
     from pipeline.resnet import build_resnet50
 
     keras.utils.set_random_seed(0)
@@ -337,8 +337,10 @@ def test_a_bf16_resnet50_is_served_in_float32_agreeing_with_it(mlflow_store, tmp
     assert size < 120e6, f"{size / 1e6:.1f} MB: optimizer state or bf16 copies slipped in"
 
     served = mlflow.pyfunc.load_model(f"models:/resnet/{info.registered_model_version}")
+    stored = keras.saving.load_model(folder / "artifacts" / serving.KERAS_FILE, compile=False)
+    assert {layer.dtype_policy.name for layer in stored.layers} == {"float32"}
     loaded = served.unwrap_python_model().model
-    assert {layer.dtype_policy.name for layer in loaded.layers} == {"float32"}
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in loaded.layers)
     assert {weight.dtype for weight in loaded.weights} == {"float32"}
     photos = [pixels((64, 64, 3), seed) for seed in range(6)]
     served_probabilities = served.predict(pd.DataFrame({"image": photos}))[PROBABILITIES].to_numpy()

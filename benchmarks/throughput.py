@@ -1,0 +1,263 @@
+"""Training and inference throughput: the project's training step and served model against the reference.
+
+    python benchmarks/throughput.py                 # the default run (under ten minutes here)
+    python benchmarks/throughput.py --tiny          # a few steps, to check that it runs
+    python benchmarks/throughput.py --mlflow        # also log the table to MLflow
+
+Variants, each in a fresh process:
+- reference-train-bN: keras.applications.ResNet50(weights=None), float32, Adam, `model.fit` on
+  NumPy arrays at batch N (the reference implementation the speed issue names);
+- project-train-bN: the training step that `train` and `tune` share (pipeline.fitting: precision
+  policy, AdamW with warm-up and cosine decay, label smoothing) fed by pipeline.data's tf.data
+  pipeline with augmentation, at batch N;
+- reference-predict: the reference model's `predict` on 64 preprocessed 64x64 images;
+- project-predict: the registered pyfunc, loaded with mlflow.pyfunc.load_model, on 64 raw JPEG
+  photos (decoding and preprocessing included).
+
+Each variant warms up first (tracing, oneDNN primitive creation), then times `--repeat`
+repetitions: an epoch of `--steps` steps for training, one call for inference. Prints median,
+range and peak RSS per variant and the ratios, and writes the table as JSON.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "throughput.json"
+PREDICT_BATCH = 64
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def random_images(count: int, size: int = 64):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+    y = np.eye(10, dtype="float32")[rng.integers(0, 10, count)]
+    return x, y
+
+
+def time_training(model, data, steps: int, repeat: int) -> list[float]:
+    """Seconds of each timed epoch of `steps` steps (the first epoch is warm-up)."""
+    import keras
+
+    seconds = []
+
+    class Clock(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds.append(time.perf_counter() - self.start)
+
+    model.fit(data, epochs=repeat + 1, steps_per_epoch=steps, callbacks=[Clock()], verbose=0)
+    return seconds[1:]
+
+
+def reference_model():
+    import keras
+
+    return keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classes=10)
+
+
+def reference_train(batch_size: int, steps: int, repeat: int) -> list[float]:
+    import keras
+    import tensorflow as tf
+
+    keras.mixed_precision.set_global_policy("float32")
+    model = reference_model()
+    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+    x, y = random_images(batch_size * steps)
+    x = x.astype("float32") / 255
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).repeat()
+    return time_training(model, data, steps, repeat)
+
+
+def project_train(batch_size: int, steps: int, repeat: int) -> list[float]:
+    from pipeline import config, data, fitting
+
+    fitting.set_precision(config.PRECISION)
+    x, y = random_images(batch_size * steps)
+    model = fitting.new_model(64, 10)
+    fitting.compile_model(model, config.LEARNING_RATE, steps, repeat + 1)
+    dataset = data.dataset(x, y, batch_size, training=True, augment=True).repeat()
+    return time_training(model, dataset, steps, repeat)
+
+
+def time_calls(call, repeat: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        call()
+    seconds = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def reference_predict(repeat: int) -> list[float]:
+    import keras
+
+    keras.mixed_precision.set_global_policy("float32")
+    model = reference_model()
+    x = random_images(PREDICT_BATCH)[0].astype("float32") / 255
+    return time_calls(lambda: model.predict(x, batch_size=PREDICT_BATCH, verbose=0), repeat)
+
+
+def jpeg_photos(count: int) -> list[bytes]:
+    """Raw photos as users send them: 100x100 JPEGs (the dataset's own size)."""
+    import io
+
+    from PIL import Image
+
+    photos = []
+    for pixels in random_images(count, size=100)[0]:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+        photos.append(buffer.getvalue())
+    return photos
+
+
+def project_predict(repeat: int) -> list[float]:
+    """The pyfunc as the registry hands it out, logged to a throw-away SQLite store."""
+    import mlflow
+    import pandas as pd
+
+    from pipeline import config, fitting, serving
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+        fitting.set_precision(config.PRECISION)
+        model = fitting.new_model(64, 10)
+        with mlflow.start_run():
+            info = serving.log_model(model, "benchmark", jpeg_photos(1)[0])
+        served = mlflow.pyfunc.load_model(info.model_uri)
+        batch = pd.DataFrame({"image": jpeg_photos(PREDICT_BATCH)})
+        return time_calls(lambda: served.predict(batch), repeat)
+
+
+def run_child(variant: str, steps: int, repeat: int) -> dict:
+    """Measure one variant in this process."""
+    kind, _, batch = variant.rpartition("-b") if "-train-" in variant else (variant, "", "")
+    if kind == "reference-train":
+        seconds, images = reference_train(int(batch), steps, repeat), int(batch) * steps
+    elif kind == "project-train":
+        seconds, images = project_train(int(batch), steps, repeat), int(batch) * steps
+    elif variant == "reference-predict":
+        seconds, images = reference_predict(repeat), PREDICT_BATCH
+    elif variant == "project-predict":
+        seconds, images = project_predict(repeat), PREDICT_BATCH
+    else:
+        raise SystemExit(f"unknown variant {variant!r}")
+    rates = [images / s for s in seconds]
+    return {
+        "variant": variant,
+        "images_per_s": statistics.median(rates),
+        "min": min(rates),
+        "max": max(rates),
+        "repeats": len(rates),
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def measure(variant: str, steps: int, repeat: int) -> dict:
+    """Run one variant in a fresh interpreter and return its figures."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", variant, "--steps", str(steps), "--repeat", str(repeat)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{variant} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def ratios(rows: dict[str, dict], batch_size: int) -> dict[str, float]:
+    rate = {name: row["images_per_s"] for name, row in rows.items()}
+    pairs = {
+        f"train: project b{batch_size} / reference b32": (f"project-train-b{batch_size}", "reference-train-b32"),
+        "train: project b32 / reference b32": ("project-train-b32", "reference-train-b32"),
+        f"train: project b{batch_size} / reference b{batch_size}": (
+            f"project-train-b{batch_size}",
+            f"reference-train-b{batch_size}",
+        ),
+        "predict: project pyfunc / reference predict": ("project-predict", "reference-predict"),
+    }
+    return {name: rate[a] / rate[b] for name, (a, b) in pairs.items() if a in rate and b in rate}
+
+
+def print_table(rows: dict[str, dict], found: dict[str, float]) -> None:
+    print(f"{'variant':<26}{'images/s':>10}{'range':>18}{'peak RSS MiB':>14}")
+    for row in rows.values():
+        spread = f"{row['min']:.1f}-{row['max']:.1f}"
+        print(f"{row['variant']:<26}{row['images_per_s']:>10.1f}{spread:>18}{row['peak_rss_mib']:>14.0f}")
+    for name, value in found.items():
+        print(f"{name:<52}{value:>6.2f}x")
+
+
+def log_to_mlflow(rows: dict[str, dict], found: dict[str, float], path: Path) -> None:
+    import mlflow
+
+    from pipeline import tracking
+
+    tracking.configure()
+    with mlflow.start_run(run_name="throughput-benchmark", tags={"pipeline.stage": "benchmark"}):
+        for name, row in rows.items():
+            mlflow.log_metrics(
+                {f"{name}.images_per_s": row["images_per_s"], f"{name}.peak_rss_mib": row["peak_rss_mib"]}
+            )
+        mlflow.log_metrics({"ratio." + name.replace(":", "").replace("/", "per"): v for name, v in found.items()})
+        mlflow.log_artifact(str(path))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions per variant")
+    parser.add_argument("--steps", type=int, default=10, help="training steps per timed epoch")
+    parser.add_argument("--tiny", action="store_true", help="1 repetition of 1 step, to check it runs")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--mlflow", action="store_true", help="also log the table to MLflow")
+    parser.add_argument("--variants", nargs="+", help="measure only these (default: all)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_child(args.child, args.steps, args.repeat)))
+        return
+    if args.tiny:
+        args.repeat, args.steps = 1, 1
+    sys.path.insert(0, str(ROOT))
+    from pipeline import config
+
+    batch = config.BATCH_SIZE
+    variants = sorted({"reference-train-b32", f"reference-train-b{batch}", "project-train-b32"})
+    variants += [f"project-train-b{batch}", "reference-predict", "project-predict"]
+    rows = {}
+    for variant in dict.fromkeys(args.variants or variants):
+        rows[variant] = measure(variant, args.steps, args.repeat)
+        print(f"  {variant}: {rows[variant]['images_per_s']:.1f} images/s", file=sys.stderr, flush=True)
+    found = ratios(rows, batch)
+    print_table(rows, found)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": list(rows.values()), "ratios": found}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    if args.mlflow:
+        log_to_mlflow(rows, found, args.out)
+
+
+if __name__ == "__main__":
+    main()
