@@ -63,11 +63,12 @@ def run(model_uri: str, x_test: np.ndarray, y_test: np.ndarray, out_dir: Path) -
     arrays do not match.
     """
     check_split(x_test, y_test)
-    predictions = predict(load_model(model_uri), x_test)
+    served = load_model(model_uri)
+    predictions = predict(served, x_test)
     probabilities = predictions[PROBABILITY_COLUMNS].to_numpy(dtype=np.float64)
     predicted = predictions["digit"].to_numpy(dtype=np.int64)
     confidence = predictions["confidence"].to_numpy(dtype=np.float64)
-    metrics = score(y_test, predicted, probabilities)
+    metrics = {**score(y_test, predicted, probabilities), **agreement(served, x_test, probabilities)}
     # Write
     out_dir.mkdir(parents=True, exist_ok=True)
     per_class(y_test, predicted).to_csv(out_dir / config.REPORT_FILE, index=False)
@@ -75,6 +76,23 @@ def run(model_uri: str, x_test: np.ndarray, y_test: np.ndarray, out_dir: Path) -
     save(mistakes_figure(x_test, y_test, predicted, confidence), out_dir / config.MISTAKES_FILE)
     prediction_table(y_test, predicted, confidence).to_csv(out_dir / config.PREDICTIONS_FILE, index=False)
     return metrics
+
+
+def agreement(served: mlflow.pyfunc.PyFuncModel, x: np.ndarray, probabilities: np.ndarray) -> dict:
+    """How closely the served model (batch norms folded, bf16 where native) follows the trained
+    float32 Keras model it was made from: share of equal top-1 digits and the largest gap
+    between probabilities. Empty for a pyfunc that is not ours."""
+    keras_file = getattr(served.unwrap_python_model(), "keras_file", None)
+    if keras_file is None:
+        return {}
+    import keras
+
+    trained = keras.saving.load_model(keras_file, compile=False)
+    expected = trained.predict(x.astype(np.float32), batch_size=config.PREDICT_CHUNK_SIZE, verbose=0)
+    return {
+        "served_top1_agreement": float(np.mean(expected.argmax(axis=1) == probabilities.argmax(axis=1))),
+        "served_max_probability_gap": float(np.abs(expected - probabilities).max()),
+    }
 
 
 def check_split(x_test: np.ndarray, y_test: np.ndarray) -> None:

@@ -89,8 +89,8 @@ class SignDigitsModel(mlflow.pyfunc.PythonModel):
     """Photos of hand signs in, digits and class probabilities out (see the module docstring)."""
 
     def load_context(self, context) -> None:
-        trained = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
-        self.model = inference_model(trained)
+        self.keras_file = context.artifacts[KERAS_ARTIFACT]  # the trained model, as logged
+        self.model = inference_model(keras.saving.load_model(self.keras_file, compile=False))
         _, height, width, channels = self.model.input_shape
         if height != width or channels != 3:
             raise PipelineError(f"the served model needs square RGB input; got {self.model.input_shape}")
