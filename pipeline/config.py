@@ -14,6 +14,7 @@ DATASET_NAME = "sign-language-digits"
 NUM_CLASSES = 10
 IMAGE_SIZE = 64
 MIN_IMAGE_SIZE = 32  # the smallest input ResNet50's five down-samplings can take
+MAX_IMAGE_SIZE = 1024  # beyond this a batch of ResNet50 activations no longer fits in memory
 VAL_FRACTION = 0.15
 TEST_FRACTION = 0.15
 SEED = 42

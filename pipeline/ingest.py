@@ -55,7 +55,7 @@ def run(
     data_dir: Path | None = None,
 ) -> Ingested:
     """Fetch, decode and split the photos in `source`; write the results to `out_dir`."""
-    check_params(image_size, val_fraction, test_fraction)
+    check_params(image_size, val_fraction, test_fraction, max_per_class)
     fetched = sources.fetch(source, data_dir or config.data_dir(), sha256)
     # Discover
     files, skipped = discover(fetched.folder)
@@ -80,11 +80,12 @@ def run(
     return result
 
 
-def check_params(image_size: int, val_fraction: float, test_fraction: float) -> None:
-    """Raise PipelineError naming the parameter when a value is impossible."""
-    if not config.MIN_IMAGE_SIZE <= image_size <= 1024:
+def check_params(image_size: int, val_fraction: float, test_fraction: float, max_per_class: int = 0) -> None:
+    """Raise PipelineError naming the parameter and its allowed range when a value is impossible."""
+    if not config.MIN_IMAGE_SIZE <= image_size <= config.MAX_IMAGE_SIZE:
         raise PipelineError(
-            f"image_size={image_size}: must be between {config.MIN_IMAGE_SIZE} and 1024 pixels"
+            f"image_size={image_size}: must be from {config.MIN_IMAGE_SIZE} to "
+            f"{config.MAX_IMAGE_SIZE} pixels (ResNet50 needs at least {config.MIN_IMAGE_SIZE})"
         )
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 < value < 1:
@@ -93,6 +94,11 @@ def check_params(image_size: int, val_fraction: float, test_fraction: float) -> 
         raise PipelineError(
             f"val_fraction + test_fraction = {val_fraction + test_fraction:g}: must be below 1 "
             "to leave images for training"
+        )
+    if 0 < max_per_class < MIN_PER_CLASS:
+        raise PipelineError(
+            f"max_per_class={max_per_class}: must be 0 (all) or at least {MIN_PER_CLASS} "
+            "(one image each for training, validation and test)"
         )
 
 
@@ -357,10 +363,10 @@ def add_options(parser) -> None:
     """Ingest's options (main passes the same ones through)."""
     parser.add_argument("--source", default=config.DATASET_URL, help="https URL, .zip file or folder")
     parser.add_argument("--sha256", type=cli.sha256_hex, default="", help="expected sha256 of the archive")
-    parser.add_argument("--image-size", type=cli.positive_int, default=config.IMAGE_SIZE)
+    parser.add_argument("--image-size", type=cli.image_size, default=config.IMAGE_SIZE)
     parser.add_argument("--val-fraction", type=cli.fraction, default=config.VAL_FRACTION)
     parser.add_argument("--test-fraction", type=cli.fraction, default=config.TEST_FRACTION)
-    parser.add_argument("--seed", type=cli.non_negative_int, default=config.SEED)
+    parser.add_argument("--seed", type=cli.seed, default=config.SEED)
     parser.add_argument(
         "--max-per-class",
         type=cli.non_negative_int,
@@ -378,7 +384,8 @@ def parse_args(argv: list[str] | None):
 @cli.entry_point
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    check_params(args.image_size, args.val_fraction, args.test_fraction)
+    check_params(args.image_size, args.val_fraction, args.test_fraction, args.max_per_class)
+    sources.check(args.source, args.sha256)
     with tracking.stage_run("ingest", vars(args)), tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp) / config.INGEST_ARTIFACT
         result = run(out_dir=out_dir, **vars(args))

@@ -109,16 +109,38 @@ def find_run(stage: str, run_id: str | None) -> Run:
 
 
 def _check_run(stage: str, run_id: str) -> Run:
+    wanted = f"give the id of a finished {stage} run, or leave it empty for the latest"
     try:
         run = mlflow.get_run(run_id)
     except MlflowException:
-        raise PipelineError(f"run id {run_id!r} does not exist in {config.tracking_uri()}") from None
+        raise PipelineError(
+            f"run id {run_id!r} does not exist in {config.tracking_uri()}; {wanted}"
+        ) from None
     actual = run.data.tags.get(config.STAGE_TAG)
     if actual != stage:
-        raise PipelineError(f"run {run_id} is a {actual or 'non-pipeline'} run, not a {stage} run")
+        kind = f"of stage {actual!r}" if actual else "not a pipeline stage's run"
+        raise PipelineError(f"run {run_id} is {kind}, not {stage!r}; {wanted}")
     if run.info.status != "FINISHED":
-        raise PipelineError(f"{stage} run {run_id} is {run.info.status}, not FINISHED; re-run it")
+        raise PipelineError(f"{stage} run {run_id} is {run.info.status}, not FINISHED; re-run it or {wanted}")
     return run
+
+
+def upstream_run(stage: str, run_id: str) -> Run:
+    """`find_run` for a stage's `<stage>_run_id` option; the error names the option."""
+    try:
+        return find_run(stage, run_id)
+    except PipelineError as error:
+        raise PipelineError(f"{stage}_run_id: {error}") from None
+
+
+def check_upstream(**run_ids: str) -> None:
+    """Raise PipelineError unless every non-empty `<stage>_run_id` names a finished run of that stage.
+
+    Stages call it before they open their own run, so a wrong id costs nothing and logs nothing.
+    """
+    for name, run_id in run_ids.items():
+        if run_id:
+            upstream_run(name.removesuffix("_run_id"), run_id)
 
 
 def _current_experiment_id() -> str:

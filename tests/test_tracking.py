@@ -61,7 +61,7 @@ def test_find_run_rejects_unknown_wrong_stage_and_unfinished_runs(mlflow_store):
         raise PipelineError("fails")
     with pytest.raises(PipelineError, match="does not exist"):
         tracking.find_run("ingest", "0123456789abcdef0123456789abcdef")
-    with pytest.raises(PipelineError, match="is a onehot run, not a ingest run"):
+    with pytest.raises(PipelineError, match="is of stage 'onehot', not 'ingest'"):
         tracking.find_run("ingest", onehot_run.info.run_id)
     with pytest.raises(PipelineError, match="FAILED, not FINISHED"):
         tracking.find_run("ingest", failed.info.run_id)
