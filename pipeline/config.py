@@ -107,7 +107,9 @@ CHAMPION_ALIAS = "champion"
 MIN_ACCURACY = 0.99
 MAX_PREDICT_BATCH = 1024  # images in one pyfunc call or HTTP request
 PREDICT_CHUNK_SIZE = 64  # images per forward pass of the served model; bounds a request's memory
-MIN_PHOTO_SIDE = 8  # pixels; smaller "photos" are rows of pixels MLflow split off a JSON array
+# Pixels; anything narrower is no photo of a hand: a thumbnail, a stray row of pixels
+# (MLflow splits the rows of pixels sent under "inputs"), or garbage.
+MIN_PHOTO_SIDE = 8
 
 
 def data_dir() -> Path:

@@ -43,7 +43,7 @@ def decode(data: bytes, name: str = "image") -> Image.Image:
     except ImageError:
         raise
     except Image.DecompressionBombError as error:
-        raise ImageError(f"{name}: refused as a decompression bomb ({error})") from None
+        raise ImageError(f"{name}: refused as a decompression bomb ({error}); downscale it first") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image Pillow can read (JPEG, PNG, ...)") from None
     except (OSError, SyntaxError, ValueError) as error:
@@ -52,6 +52,7 @@ def decode(data: bytes, name: str = "image") -> Image.Image:
 
 
 def _check_pixels(size: tuple[int, int], name: str) -> None:
+    """Refuse, before any pixel is decoded, an image too large to decode safely or too small to be a photo."""
     width, height = size
     if width * height > config.MAX_IMAGE_PIXELS:
         raise ImageError(
@@ -60,6 +61,11 @@ def _check_pixels(size: tuple[int, int], name: str) -> None:
         )
     if width < 1 or height < 1:
         raise ImageError(f"{name}: the image has no pixels ({width}x{height})")
+    side = config.MIN_PHOTO_SIDE
+    if width < side or height < side:
+        raise ImageError(
+            f"{name}: {width}x{height} pixels is too small for a photo of a hand (at least {side}x{side})"
+        )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -97,7 +103,11 @@ def preprocess(data: bytes, image_size: int = config.IMAGE_SIZE, name: str = "im
 def preprocess_array(
     pixels: np.ndarray, image_size: int = config.IMAGE_SIZE, name: str = "image"
 ) -> np.ndarray:
-    """A decoded photo, (H, W), (H, W, 1|3|4) of uint8 or of floats in 0..255, as the model's array."""
+    """A decoded photo, (H, W), (H, W, 1|3|4) of uint8 or of floats in 0..255, as the model's array.
+
+    Raises ImageError naming `name` for another shape, non-numbers, NaN or infinity, values
+    outside 0..255, and too many or too few pixels (checked before the values are read).
+    """
     pixels = np.asarray(pixels)
     if pixels.ndim == 3 and pixels.shape[-1] == 1:
         pixels = pixels[..., 0]
@@ -106,10 +116,11 @@ def preprocess_array(
             f"{name}: expected an image of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); "
             f"got shape {pixels.shape}"
         )
+    numeric = np.issubdtype(pixels.dtype, np.integer) or np.issubdtype(pixels.dtype, np.floating)
+    if not numeric:
+        raise ImageError(f"{name}: expected numbers, got dtype {pixels.dtype}")
     _check_pixels((pixels.shape[1], pixels.shape[0]), name)
     if pixels.dtype != np.uint8:
-        if not (np.issubdtype(pixels.dtype, np.number) and not np.iscomplexobj(pixels)):
-            raise ImageError(f"{name}: expected numbers, got dtype {pixels.dtype}")
         if not np.all(np.isfinite(pixels)):
             raise ImageError(f"{name}: the pixel values contain NaN or infinity")
         if pixels.min() < 0 or pixels.max() > 255:

@@ -144,7 +144,7 @@ def _class_tree(class_root: Path, root: Path):
     for child in sorted(class_root.iterdir()):
         if not child.is_dir() or child.is_symlink():
             if not child.name.startswith("."):
-                skipped.append((_rel(child, root), "not inside a digit folder"))
+                skipped.append((_rel(child, root), _unusable(child, root) or "not inside a digit folder"))
             continue
         label = _label(child.name)
         for path in sorted(p for p in child.rglob("*") if p.is_file() or p.is_symlink()):
@@ -184,14 +184,22 @@ def _unknown(name: str) -> str:
 
 
 def _unusable(path: Path, root: Path) -> str | None:
+    """Why a file found under `root` cannot be used (None when it can).
+
+    Symbolic links are only followed to files inside the dataset: a link that
+    leaves it, dangles, loops or names a folder is refused with the reason.
+    """
     if path.name.startswith("."):
         return "hidden file"
     if path.is_symlink():
-        target = path.resolve()
+        try:
+            target = path.resolve(strict=True)
+        except (OSError, RuntimeError):  # Python 3.11 raises RuntimeError for a loop
+            return "symbolic link to nothing (it dangles or loops)"
         if not target.is_relative_to(root.resolve()):
             return f"symbolic link to {target}, outside the dataset"
         if not target.is_file():
-            return "symbolic link to nothing"
+            return "symbolic link to a folder (not followed)"
     return None
 
 
@@ -209,7 +217,9 @@ def decode(files: list[tuple[Path, int]], root: Path, image_size: int, max_per_c
     hashed, rejected = [], []
     for path, label in files:
         try:
-            hashed.append((path, label, hashlib.sha256(path.read_bytes()).hexdigest()))
+            hashed.append((path, label, hashlib.sha256(_read(path, _rel(path, root))).hexdigest()))
+        except images.ImageError as error:
+            rejected.append((_rel(path, root), str(error)))
         except OSError as error:
             rejected.append((_rel(path, root), f"cannot be read ({error.strerror or error})"))
     labels_by_hash = defaultdict(set)
@@ -227,7 +237,7 @@ def decode(files: list[tuple[Path, int]], root: Path, image_size: int, max_per_c
         if max_per_class and kept[label] >= max_per_class:
             continue
         try:
-            image = images.decode(path.read_bytes(), name)
+            image = images.decode(_read(path, name), name)
         except (images.ImageError, OSError) as error:
             rejected.append((name, str(error)))
             continue
@@ -238,6 +248,15 @@ def decode(files: list[tuple[Path, int]], root: Path, image_size: int, max_per_c
     for name, reason in rejected:
         log.warning("skipped %s: %s", name, reason)
     return manifest, pixels, rejected
+
+
+def _read(path: Path, name: str) -> bytes:
+    """The bytes of one file; ImageError, without reading it, when it is too large for a photo."""
+    size = path.stat().st_size
+    if size > config.MAX_IMAGE_FILE_BYTES:
+        limit = config.MAX_IMAGE_FILE_BYTES
+        raise images.ImageError(f"{name}: {size:,} bytes is over the {limit:,}-byte limit for one photo")
+    return path.read_bytes()
 
 
 def check_classes(manifest: pd.DataFrame, root: Path) -> None:
