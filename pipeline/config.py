@@ -27,6 +27,9 @@ DEFAULT_DATA_DIR = Path("input_dataset")
 # Guards against hostile input.
 MAX_IMAGE_PIXELS = 50_000_000  # 7,000 x 7,000; a phone photo is ~12 MP
 MAX_IMAGE_FILE_BYTES = 64 * 1024 * 1024
+# The formats Pillow may open. Its decoders of rare formats (DDS, BLP, SPIDER, EPS through
+# Ghostscript, ...) are attack surface that photos of hands do not need.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF")  # JPEG covers MPO
 MAX_UNPACKED_BYTES = 4 * 1024**3
 MAX_COMPRESSION_RATIO = 200  # JPEGs barely compress; zip bombs reach 1000+
 DOWNLOAD_TIMEOUT_S = 30.0

@@ -179,7 +179,10 @@ def test_content_decides_not_the_extension(tmp_path):
     (root / "2" / "notes.JPG").write_text("not a photo, just text in a .JPG")
     result = run(root, tmp_path)
     reasons = dict(zip(result.skipped["file"], result.skipped["reason"]))
-    assert reasons == {"2/notes.JPG": "2/notes.JPG: not an image Pillow can read (JPEG, PNG, ...)"}
+    assert reasons == {
+        "2/notes.JPG": "2/notes.JPG: not an image Pillow can read as one of "
+        + ", ".join(config.IMAGE_FORMATS)
+    }
     assert "1/really-a-png.JPG" in set(result.manifest["file"])
     assert len(result.manifest) == 41
 
