@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow import MlflowClient
 from mlflow.entities import Run, RunStatus
 from mlflow.exceptions import MlflowException
 
@@ -22,8 +23,47 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def configure() -> None:
-    """Point MLflow at $MLFLOW_TRACKING_URI, or SQLite in the working directory."""
-    mlflow.set_tracking_uri(config.tracking_uri())
+    """Point MLflow at $MLFLOW_TRACKING_URI, or SQLite in the working directory.
+
+    The first time a process uses a SQLite store it opens it under a file lock:
+    MLflow builds the tables of a new database without one, and two stages
+    starting at once on a new store fail ("duplicate column name: step").
+    """
+    uri = config.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    path = _sqlite_path(uri)
+    if path is not None and uri not in _opened:
+        with _exclusive(path.with_name(f"{path.name}-init.lock")):
+            MlflowClient().search_experiments(max_results=1)  # creates or checks the tables
+        _opened.add(uri)
+
+
+_opened: set[str] = set()
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (None for other stores and in-memory SQLite)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri[len(prefix) :] in ("", ":memory:"):
+        return None
+    return Path(uri[len(prefix) :].split("?")[0]).resolve()
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock` (advisory; none where fcntl is missing, as on Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def code_version() -> dict[str, str]:
