@@ -20,6 +20,7 @@ from pipeline.errors import PipelineError
 log = logging.getLogger(__name__)
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+_opened: set[str] = set()  # SQLite stores this process has created or checked under the lock
 
 
 def configure() -> None:
@@ -36,9 +37,6 @@ def configure() -> None:
         with _exclusive(path.with_name(f"{path.name}-init.lock")):
             MlflowClient().search_experiments(max_results=1)  # creates or checks the tables
         _opened.add(uri)
-
-
-_opened: set[str] = set()
 
 
 def _sqlite_path(uri: str) -> Path | None:
