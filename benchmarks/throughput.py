@@ -190,7 +190,10 @@ def measure(variant: str, steps: int, repeat: int) -> dict:
 def ratios(rows: dict[str, dict], batch_size: int) -> dict[str, float]:
     rate = {name: row["images_per_s"] for name, row in rows.items()}
     pairs = {
-        f"train: project b{batch_size} / reference b32": (f"project-train-b{batch_size}", "reference-train-b32"),
+        f"train: project b{batch_size} / reference b32": (
+            f"project-train-b{batch_size}",
+            "reference-train-b32",
+        ),
         "train: project b32 / reference b32": ("project-train-b32", "reference-train-b32"),
         f"train: project b{batch_size} / reference b{batch_size}": (
             f"project-train-b{batch_size}",
@@ -221,7 +224,9 @@ def log_to_mlflow(rows: dict[str, dict], found: dict[str, float], path: Path) ->
             mlflow.log_metrics(
                 {f"{name}.images_per_s": row["images_per_s"], f"{name}.peak_rss_mib": row["peak_rss_mib"]}
             )
-        mlflow.log_metrics({"ratio." + name.replace(":", "").replace("/", "per"): v for name, v in found.items()})
+        mlflow.log_metrics(
+            {"ratio." + name.replace(":", "").replace("/", "per"): v for name, v in found.items()}
+        )
         mlflow.log_artifact(str(path))
 
 

@@ -50,8 +50,8 @@ def load(folder: Path):
 
 def parse_args(argv: list[str] | None):
     parser = cli.parser("build", __doc__.splitlines()[0])
-    parser.add_argument("--image-size", type=cli.positive_int, default=config.IMAGE_SIZE)
-    parser.add_argument("--num-classes", type=cli.positive_int, default=config.NUM_CLASSES)
+    parser.add_argument("--image-size", type=cli.image_size, default=config.IMAGE_SIZE)
+    parser.add_argument("--num-classes", type=cli.int_range(2), default=config.NUM_CLASSES)
     return parser.parse_args(argv)
 
 

@@ -8,6 +8,7 @@ import re
 import sys
 from collections.abc import Callable
 
+from pipeline import config
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
@@ -25,6 +26,30 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
     return value
+
+
+def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An option type for whole numbers from `low` to `high` (no upper bound when None)."""
+
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if value < low or (high is not None and value > high):
+            allowed = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be a whole number {allowed}, got {text}")
+        return value
+
+    parse.__name__ = f"int_range({low}, {high})"
+    return parse
+
+
+def image_size(text: str) -> int:
+    """The side of the square model input: ResNet50 needs at least config.MIN_IMAGE_SIZE pixels."""
+    return int_range(config.MIN_IMAGE_SIZE, config.MAX_IMAGE_SIZE)(text)
+
+
+def seed(text: str) -> int:
+    """A random seed: NumPy and Keras take 0 to 2**32 - 1."""
+    return int_range(0, 2**32 - 1)(text)
 
 
 def positive_float(text: str) -> float:
@@ -62,6 +87,13 @@ def sha256_hex(text: str) -> str:
     text = text.strip().lower()
     if text and not re.fullmatch(r"[0-9a-f]{64}", text):
         raise argparse.ArgumentTypeError(f"must be 64 hexadecimal digits or empty, got {text!r}")
+    return text
+
+
+def model_name(text: str) -> str:
+    """A registered model name: not blank, without '/' or ':' (MLflow refuses them) or '@' (aliases)."""
+    if not text.strip() or any(char in text for char in "/:@"):
+        raise argparse.ArgumentTypeError(f"must be a non-empty name without '/', ':' or '@', got {text!r}")
     return text
 
 

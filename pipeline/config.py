@@ -14,6 +14,7 @@ DATASET_NAME = "sign-language-digits"
 NUM_CLASSES = 10
 IMAGE_SIZE = 64
 MIN_IMAGE_SIZE = 32  # the smallest input ResNet50's five down-samplings can take
+MAX_IMAGE_SIZE = 1024  # beyond this a batch of ResNet50 activations no longer fits in memory
 VAL_FRACTION = 0.15
 TEST_FRACTION = 0.15
 SEED = 42
@@ -26,6 +27,9 @@ DEFAULT_DATA_DIR = Path("input_dataset")
 # Guards against hostile input.
 MAX_IMAGE_PIXELS = 50_000_000  # 7,000 x 7,000; a phone photo is ~12 MP
 MAX_IMAGE_FILE_BYTES = 64 * 1024 * 1024
+# The formats Pillow may open. Its decoders of rare formats (DDS, BLP, SPIDER, EPS through
+# Ghostscript, ...) are attack surface that photos of hands do not need.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF")  # JPEG covers MPO
 MAX_UNPACKED_BYTES = 4 * 1024**3
 MAX_COMPRESSION_RATIO = 200  # JPEGs barely compress; zip bombs reach 1000+
 DOWNLOAD_TIMEOUT_S = 30.0
@@ -107,7 +111,9 @@ MIN_ACCURACY = 0.99
 MAX_PREDICT_BATCH = 1024  # images in one pyfunc call or HTTP request
 SERVING_PRECISION = "auto"  # one of PRECISIONS; the served ResNet-50 also has its batch norms folded
 PREDICT_CHUNK_SIZE = 64  # images per forward pass of the served model; bounds a request's memory
-MIN_PHOTO_SIDE = 8  # pixels; smaller "photos" are rows of pixels MLflow split off a JSON array
+# Pixels; anything narrower is no photo of a hand: a thumbnail, a stray row of pixels
+# (MLflow splits the rows of pixels sent under "inputs"), or garbage.
+MIN_PHOTO_SIDE = 8
 
 
 def data_dir() -> Path:

@@ -10,6 +10,7 @@ import logging
 import math
 import re
 import tempfile
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -331,6 +332,7 @@ def resolve(model_uri: str, model_name: str) -> Target:
             lambda: client.get_model_version_by_alias(match["name"], match["alias"]), model_uri
         )
     else:
+        check_local(model_uri)
         return Target(model_uri, model_name, None, source_run(model_uri))
     number = str(version.version)  # the registry answers int or str depending on the call
     return Target(f"models:/{version.name}/{number}", version.name, number, version.run_id)
@@ -350,6 +352,19 @@ def latest_version(name: str) -> ModelVersion:
             "model; run the train stage first, or pass --model-uri"
         )
     return max(versions, key=lambda version: int(version.version))
+
+
+def check_local(model_uri: str) -> None:
+    """A URI without a scheme (or a file: URI) is a local folder: PipelineError when it is missing."""
+    parsed = urllib.parse.urlparse(model_uri)
+    if len(parsed.scheme) > 1 and parsed.scheme != "file":  # one letter: a Windows drive
+        return
+    path = Path(parsed.path if parsed.scheme == "file" else model_uri).expanduser()
+    if not path.exists():
+        raise PipelineError(
+            f"--model-uri {model_uri!r}: {path} does not exist; pass one of {_URI_FORMS}, a model "
+            "folder, or leave it empty for the latest version of --model-name"
+        )
 
 
 def source_run(model_uri: str) -> str | None:
@@ -378,7 +393,7 @@ def _message(error: Exception) -> str:
 def ingest_run(ingest_run_id: str, target: Target):
     """The ingest run to test on: the given one, the one the model was trained on, or the latest."""
     if ingest_run_id:
-        return tracking.find_run("ingest", ingest_run_id)
+        return tracking.upstream_run("ingest", ingest_run_id)
     tagged = _tag(target.source_run_id, config.INGEST_RUN_TAG)
     if not tagged:
         log.info("the model's source run names no ingest run; testing on the latest finished one")
@@ -410,7 +425,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument(
         "--model-uri", default="", help=f"{_URI_FORMS} (default: the latest version of --model-name)"
     )
-    parser.add_argument("--model-name", default=config.MODEL_NAME, help="registered model name")
+    parser.add_argument(
+        "--model-name", type=cli.model_name, default=config.MODEL_NAME, help="registered model name"
+    )
     parser.add_argument(
         "--ingest-run-id", default="", help="ingest run to test on (default: the model's, else the latest)"
     )
@@ -423,9 +440,10 @@ def parse_args(argv: list[str] | None):
 @cli.entry_point
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    tracking.configure()
+    target = resolve(args.model_uri, args.model_name)
+    upstream = ingest_run(args.ingest_run_id, target)
     with tracking.stage_run("evaluate", vars(args)), tempfile.TemporaryDirectory() as tmp:
-        target = resolve(args.model_uri, args.model_name)
-        upstream = ingest_run(args.ingest_run_id, target)
         mlflow.set_tags(
             {
                 "pipeline.model_uri": target.uri,

@@ -24,7 +24,8 @@ def decode(data: bytes, name: str = "image") -> Image.Image:
     """Decode encoded image bytes into an upright RGB Pillow image.
 
     Raises ImageError, naming `name`, for empty or oversized input, content that is
-    not an image, truncated files and decompression bombs.
+    not an image in one of config.IMAGE_FORMATS, truncated or malformed files, and
+    decompression bombs (refused from the header, before any pixel is decoded).
     """
     if not data:
         raise ImageError(f"{name}: the file is empty (0 bytes)")
@@ -34,24 +35,28 @@ def decode(data: bytes, name: str = "image") -> Image.Image:
             f"{config.MAX_IMAGE_FILE_BYTES:,}-byte limit for one photo"
         )
     try:
-        image = Image.open(io.BytesIO(data))
-        _check_pixels(image.size, name)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # EXIF and palette warnings are noise here
+            warnings.simplefilter("ignore")  # EXIF, TIFF tag and palette warnings are noise here
+            image = Image.open(io.BytesIO(data), formats=config.IMAGE_FORMATS)
+            _check_pixels(image.size, name)
             image.load()
             image = ImageOps.exif_transpose(image)
     except ImageError:
         raise
     except Image.DecompressionBombError as error:
-        raise ImageError(f"{name}: refused as a decompression bomb ({error})") from None
+        raise ImageError(f"{name}: refused as a decompression bomb ({error}); downscale it first") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image Pillow can read (JPEG, PNG, ...)") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"{name}: the image data is broken or truncated ({error})") from None
-    return to_rgb(image)
+        formats = ", ".join(config.IMAGE_FORMATS)
+        raise ImageError(f"{name}: not an image Pillow can read as one of {formats}") from None
+    except Exception as error:  # fuzzing showed Pillow's decoders raise many types on malformed files
+        raise ImageError(
+            f"{name}: the image data is broken or truncated ({type(error).__name__}: {error})"
+        ) from None
+    return to_rgb(image, name)
 
 
 def _check_pixels(size: tuple[int, int], name: str) -> None:
+    """Refuse, before any pixel is decoded, an image too large to decode safely or too small to be a photo."""
     width, height = size
     if width * height > config.MAX_IMAGE_PIXELS:
         raise ImageError(
@@ -60,18 +65,27 @@ def _check_pixels(size: tuple[int, int], name: str) -> None:
         )
     if width < 1 or height < 1:
         raise ImageError(f"{name}: the image has no pixels ({width}x{height})")
+    side = config.MIN_PHOTO_SIDE
+    if width < side or height < side:
+        raise ImageError(
+            f"{name}: {width}x{height} pixels is too small for a photo of a hand (at least {side}x{side})"
+        )
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
     """Any Pillow mode (L, P, RGBA, CMYK, 16-bit, float) as 8-bit RGB.
 
-    Transparent pixels become white, the background of the dataset's photos.
+    Transparent pixels become white, the background of the dataset's photos. Raises
+    ImageError naming `name` for float pixels that are NaN or infinite and for a mode
+    Pillow cannot convert.
     """
     if image.mode in _SIXTEEN_BIT_MODES:
         pixels = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.clip(pixels / 257.0, 0, 255).astype(np.uint8), "L")
     elif image.mode == "F":
-        pixels = np.asarray(image, dtype=np.float64)
+        pixels = np.asarray(image)  # float32 as stored: casting a signalling NaN would warn
+        if not np.all(np.isfinite(pixels)):
+            raise ImageError(f"{name}: the pixel values contain NaN or infinity")
         image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L")
     if image.mode == "P" or image.mode in ("LA", "PA", "RGBA") or "transparency" in image.info:
         image = image.convert("RGBA")
@@ -80,7 +94,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     try:
         return image.convert("RGB")
     except ValueError as error:
-        raise ImageError(f"image mode {image.mode} cannot be turned into RGB ({error})") from None
+        raise ImageError(f"{name}: image mode {image.mode} cannot be turned into RGB ({error})") from None
 
 
 def resize(image: Image.Image, image_size: int = config.IMAGE_SIZE) -> np.ndarray:
@@ -97,7 +111,11 @@ def preprocess(data: bytes, image_size: int = config.IMAGE_SIZE, name: str = "im
 def preprocess_array(
     pixels: np.ndarray, image_size: int = config.IMAGE_SIZE, name: str = "image"
 ) -> np.ndarray:
-    """A decoded photo, (H, W), (H, W, 1|3|4) of uint8 or of floats in 0..255, as the model's array."""
+    """A decoded photo, (H, W), (H, W, 1|3|4) of uint8 or of floats in 0..255, as the model's array.
+
+    Raises ImageError naming `name` for another shape, non-numbers, NaN or infinity, values
+    outside 0..255, and too many or too few pixels (checked before the values are read).
+    """
     pixels = np.asarray(pixels)
     if pixels.ndim == 3 and pixels.shape[-1] == 1:
         pixels = pixels[..., 0]
@@ -106,16 +124,17 @@ def preprocess_array(
             f"{name}: expected an image of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); "
             f"got shape {pixels.shape}"
         )
+    numeric = np.issubdtype(pixels.dtype, np.integer) or np.issubdtype(pixels.dtype, np.floating)
+    if not numeric:
+        raise ImageError(f"{name}: expected numbers, got dtype {pixels.dtype}")
     _check_pixels((pixels.shape[1], pixels.shape[0]), name)
     if pixels.dtype != np.uint8:
-        if not (np.issubdtype(pixels.dtype, np.number) and not np.iscomplexobj(pixels)):
-            raise ImageError(f"{name}: expected numbers, got dtype {pixels.dtype}")
         if not np.all(np.isfinite(pixels)):
             raise ImageError(f"{name}: the pixel values contain NaN or infinity")
         if pixels.min() < 0 or pixels.max() > 255:
             raise ImageError(f"{name}: pixel values must lie in 0..255; got {pixels.min()}..{pixels.max()}")
         pixels = np.rint(pixels).astype(np.uint8)
-    return resize(to_rgb(Image.fromarray(pixels)), image_size)
+    return resize(to_rgb(Image.fromarray(pixels), name), image_size)
 
 
 def read(path: Path, image_size: int = config.IMAGE_SIZE) -> np.ndarray:

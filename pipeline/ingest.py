@@ -55,7 +55,7 @@ def run(
     data_dir: Path | None = None,
 ) -> Ingested:
     """Fetch, decode and split the photos in `source`; write the results to `out_dir`."""
-    check_params(image_size, val_fraction, test_fraction)
+    check_params(image_size, val_fraction, test_fraction, max_per_class)
     fetched = sources.fetch(source, data_dir or config.data_dir(), sha256)
     # Discover
     files, skipped = discover(fetched.folder)
@@ -80,11 +80,12 @@ def run(
     return result
 
 
-def check_params(image_size: int, val_fraction: float, test_fraction: float) -> None:
-    """Raise PipelineError naming the parameter when a value is impossible."""
-    if not config.MIN_IMAGE_SIZE <= image_size <= 1024:
+def check_params(image_size: int, val_fraction: float, test_fraction: float, max_per_class: int = 0) -> None:
+    """Raise PipelineError naming the parameter and its allowed range when a value is impossible."""
+    if not config.MIN_IMAGE_SIZE <= image_size <= config.MAX_IMAGE_SIZE:
         raise PipelineError(
-            f"image_size={image_size}: must be between {config.MIN_IMAGE_SIZE} and 1024 pixels"
+            f"image_size={image_size}: must be from {config.MIN_IMAGE_SIZE} to "
+            f"{config.MAX_IMAGE_SIZE} pixels (ResNet50 needs at least {config.MIN_IMAGE_SIZE})"
         )
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 < value < 1:
@@ -93,6 +94,11 @@ def check_params(image_size: int, val_fraction: float, test_fraction: float) -> 
         raise PipelineError(
             f"val_fraction + test_fraction = {val_fraction + test_fraction:g}: must be below 1 "
             "to leave images for training"
+        )
+    if 0 < max_per_class < MIN_PER_CLASS:
+        raise PipelineError(
+            f"max_per_class={max_per_class}: must be 0 (all) or at least {MIN_PER_CLASS} "
+            "(one image each for training, validation and test)"
         )
 
 
@@ -138,7 +144,7 @@ def _class_tree(class_root: Path, root: Path):
     for child in sorted(class_root.iterdir()):
         if not child.is_dir() or child.is_symlink():
             if not child.name.startswith("."):
-                skipped.append((_rel(child, root), "not inside a digit folder"))
+                skipped.append((_rel(child, root), _unusable(child, root) or "not inside a digit folder"))
             continue
         label = _label(child.name)
         for path in sorted(p for p in child.rglob("*") if p.is_file() or p.is_symlink()):
@@ -178,14 +184,22 @@ def _unknown(name: str) -> str:
 
 
 def _unusable(path: Path, root: Path) -> str | None:
+    """Why a file found under `root` cannot be used (None when it can).
+
+    Symbolic links are only followed to files inside the dataset: a link that
+    leaves it, dangles, loops or names a folder is refused with the reason.
+    """
     if path.name.startswith("."):
         return "hidden file"
     if path.is_symlink():
-        target = path.resolve()
+        try:
+            target = path.resolve(strict=True)
+        except (OSError, RuntimeError):  # Python 3.11 raises RuntimeError for a loop
+            return "symbolic link to nothing (it dangles or loops)"
         if not target.is_relative_to(root.resolve()):
             return f"symbolic link to {target}, outside the dataset"
         if not target.is_file():
-            return "symbolic link to nothing"
+            return "symbolic link to a folder (not followed)"
     return None
 
 
@@ -203,7 +217,9 @@ def decode(files: list[tuple[Path, int]], root: Path, image_size: int, max_per_c
     hashed, rejected = [], []
     for path, label in files:
         try:
-            hashed.append((path, label, hashlib.sha256(path.read_bytes()).hexdigest()))
+            hashed.append((path, label, hashlib.sha256(_read(path, _rel(path, root))).hexdigest()))
+        except images.ImageError as error:
+            rejected.append((_rel(path, root), str(error)))
         except OSError as error:
             rejected.append((_rel(path, root), f"cannot be read ({error.strerror or error})"))
     labels_by_hash = defaultdict(set)
@@ -221,7 +237,7 @@ def decode(files: list[tuple[Path, int]], root: Path, image_size: int, max_per_c
         if max_per_class and kept[label] >= max_per_class:
             continue
         try:
-            image = images.decode(path.read_bytes(), name)
+            image = images.decode(_read(path, name), name)
         except (images.ImageError, OSError) as error:
             rejected.append((name, str(error)))
             continue
@@ -232,6 +248,15 @@ def decode(files: list[tuple[Path, int]], root: Path, image_size: int, max_per_c
     for name, reason in rejected:
         log.warning("skipped %s: %s", name, reason)
     return manifest, pixels, rejected
+
+
+def _read(path: Path, name: str) -> bytes:
+    """The bytes of one file; ImageError, without reading it, when it is too large for a photo."""
+    size = path.stat().st_size
+    if size > config.MAX_IMAGE_FILE_BYTES:
+        limit = config.MAX_IMAGE_FILE_BYTES
+        raise images.ImageError(f"{name}: {size:,} bytes is over the {limit:,}-byte limit for one photo")
+    return path.read_bytes()
 
 
 def check_classes(manifest: pd.DataFrame, root: Path) -> None:
@@ -357,10 +382,10 @@ def add_options(parser) -> None:
     """Ingest's options (main passes the same ones through)."""
     parser.add_argument("--source", default=config.DATASET_URL, help="https URL, .zip file or folder")
     parser.add_argument("--sha256", type=cli.sha256_hex, default="", help="expected sha256 of the archive")
-    parser.add_argument("--image-size", type=cli.positive_int, default=config.IMAGE_SIZE)
+    parser.add_argument("--image-size", type=cli.image_size, default=config.IMAGE_SIZE)
     parser.add_argument("--val-fraction", type=cli.fraction, default=config.VAL_FRACTION)
     parser.add_argument("--test-fraction", type=cli.fraction, default=config.TEST_FRACTION)
-    parser.add_argument("--seed", type=cli.non_negative_int, default=config.SEED)
+    parser.add_argument("--seed", type=cli.seed, default=config.SEED)
     parser.add_argument(
         "--max-per-class",
         type=cli.non_negative_int,
@@ -378,7 +403,8 @@ def parse_args(argv: list[str] | None):
 @cli.entry_point
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    check_params(args.image_size, args.val_fraction, args.test_fraction)
+    check_params(args.image_size, args.val_fraction, args.test_fraction, args.max_per_class)
+    sources.check(args.source, args.sha256)
     with tracking.stage_run("ingest", vars(args)), tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp) / config.INGEST_ARTIFACT
         result = run(out_dir=out_dir, **vars(args))

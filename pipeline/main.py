@@ -10,7 +10,7 @@ import logging
 
 import mlflow
 
-from pipeline import cli, config, ingest, tracking, train
+from pipeline import cli, config, ingest, sources, tracking, train
 from pipeline.steps import step
 
 log = logging.getLogger("pipeline.main")
@@ -89,10 +89,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_params(args: argparse.Namespace) -> None:
+    """Every step's checks of the options main passes through, before the first step starts.
+
+    Raises PipelineError naming the parameter and its allowed range.
+    """
+    ingest.check_params(args.image_size, args.val_fraction, args.test_fraction, args.max_per_class)
+    sources.check(args.source, args.sha256)
+    train.check_params(args.learning_rate, args.batch_size, args.epochs, args.patience, args.min_epochs)
+
+
 @cli.entry_point
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    ingest.check_params(args.image_size, args.val_fraction, args.test_fraction)
+    check_params(args)
     with tracking.stage_run("main", vars(args)):
         runs = run(args)
         log.info("pipeline finished: %s", ", ".join(f"{stage} {run_id}" for stage, run_id in runs.items()))

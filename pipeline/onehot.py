@@ -57,15 +57,15 @@ def load(folder: Path) -> dict[str, np.ndarray]:
 def parse_args(argv: list[str] | None):
     parser = cli.parser("onehot", __doc__.splitlines()[0])
     parser.add_argument("--ingest-run-id", default="", help="ingest run to encode (default: the latest)")
-    parser.add_argument("--num-classes", type=cli.positive_int, default=config.NUM_CLASSES)
+    parser.add_argument("--num-classes", type=cli.int_range(2), default=config.NUM_CLASSES)
     return parser.parse_args(argv)
 
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    upstream = tracking.upstream_run("ingest", args.ingest_run_id)
     with tracking.stage_run("onehot", vars(args)), tempfile.TemporaryDirectory() as tmp:
-        upstream = tracking.find_run("ingest", args.ingest_run_id)
         mlflow.set_tag(config.INGEST_RUN_TAG, upstream.info.run_id)
         folder = tracking.download(upstream, config.INGEST_ARTIFACT)
         out_dir = Path(tmp) / config.ONEHOT_ARTIFACT

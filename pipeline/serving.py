@@ -256,6 +256,11 @@ def from_base64(text: str, name: str = "image") -> bytes:
     text = "".join(text.split())
     if not text:
         raise images.ImageError(f"{name}: the string is empty")
+    if len(text) > 4 * -(-config.MAX_IMAGE_FILE_BYTES // 3):  # refused before it is decoded
+        raise images.ImageError(
+            f"{name}: {len(text):,} base64 characters hold more than the "
+            f"{config.MAX_IMAGE_FILE_BYTES:,}-byte limit for one photo"
+        )
     if not _BASE64.fullmatch(text) or len(text.rstrip("=")) % 4 == 1:
         raise images.ImageError(f"{name}: not valid base64")
     text = text.rstrip("=").replace("-", "+").replace("_", "/")

@@ -46,25 +46,43 @@ def fetch(source: str, data_dir: Path, sha256: str | None = None) -> Fetched:
     Raises PipelineError for a missing path, a URL that does not answer, a
     truncated download, a sha256 mismatch, or a hostile archive.
     """
-    if not source.strip():
-        raise PipelineError("source is empty: give an https URL, a .zip file or a folder")
+    check(source, sha256)
     sha256 = (sha256 or "").strip().lower() or None
-    scheme = urllib.parse.urlparse(source).scheme
-    if scheme in ("http", "https"):
+    if _is_url(source):
         archive = download(source, data_dir / "downloads", sha256)
         return unpack(archive, data_dir / "unpacked")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return Fetched(path)
+    return unpack(path, data_dir / "unpacked", verify_sha256(path, sha256))
+
+
+def check(source: str, sha256: str | None = None) -> None:
+    """Raise PipelineError unless `source` is an http(s) URL, an existing .zip or a folder.
+
+    Cheap (nothing is downloaded or unpacked): stages call it before they open a run.
+    """
+    if not source.strip():
+        raise PipelineError("source is empty: give an https URL, a .zip file or a folder")
+    if _is_url(source):
+        return
+    scheme = urllib.parse.urlparse(source).scheme
     if scheme and len(scheme) > 1:
         raise PipelineError(f"source {source!r}: only https URLs, .zip files and folders are supported")
     path = Path(source).expanduser()
     if path.is_dir():
-        if sha256:
+        if (sha256 or "").strip():
             raise PipelineError(f"sha256 applies to archives, but source {source!r} is a folder")
-        return Fetched(path)
+        return
     if path.is_file():
         if not zipfile.is_zipfile(path):
             raise PipelineError(f"source {source!r} is a file but not a .zip archive")
-        return unpack(path, data_dir / "unpacked", verify_sha256(path, sha256))
+        return
     raise PipelineError(f"source {source!r} does not exist: give an https URL, a .zip file or a folder")
+
+
+def _is_url(source: str) -> bool:
+    return urllib.parse.urlparse(source).scheme in ("http", "https")
 
 
 def file_sha256(path: Path) -> str:

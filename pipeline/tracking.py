@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow import MlflowClient
 from mlflow.entities import Run, RunStatus
 from mlflow.exceptions import MlflowException
 
@@ -19,11 +20,48 @@ from pipeline.errors import PipelineError
 log = logging.getLogger(__name__)
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+_opened: set[str] = set()  # SQLite stores this process has created or checked under the lock
 
 
 def configure() -> None:
-    """Point MLflow at $MLFLOW_TRACKING_URI, or SQLite in the working directory."""
-    mlflow.set_tracking_uri(config.tracking_uri())
+    """Point MLflow at $MLFLOW_TRACKING_URI, or SQLite in the working directory.
+
+    The first time a process uses a SQLite store it opens it under a file lock:
+    MLflow builds the tables of a new database without one, and two stages
+    starting at once on a new store fail ("duplicate column name: step").
+    """
+    uri = config.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    path = _sqlite_path(uri)
+    if path is not None and uri not in _opened:
+        with _exclusive(path.with_name(f"{path.name}-init.lock")):
+            MlflowClient().search_experiments(max_results=1)  # creates or checks the tables
+        _opened.add(uri)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (None for other stores and in-memory SQLite)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri[len(prefix) :] in ("", ":memory:"):
+        return None
+    return Path(uri[len(prefix) :].split("?")[0]).resolve()
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock` (advisory; none where fcntl is missing, as on Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def code_version() -> dict[str, str]:
@@ -117,16 +155,38 @@ def find_run(stage: str, run_id: str | None) -> Run:
 
 
 def _check_run(stage: str, run_id: str) -> Run:
+    wanted = f"give the id of a finished {stage} run, or leave it empty for the latest"
     try:
         run = mlflow.get_run(run_id)
     except MlflowException:
-        raise PipelineError(f"run id {run_id!r} does not exist in {config.tracking_uri()}") from None
+        raise PipelineError(
+            f"run id {run_id!r} does not exist in {config.tracking_uri()}; {wanted}"
+        ) from None
     actual = run.data.tags.get(config.STAGE_TAG)
     if actual != stage:
-        raise PipelineError(f"run {run_id} is a {actual or 'non-pipeline'} run, not a {stage} run")
+        kind = f"of stage {actual!r}" if actual else "not a pipeline stage's run"
+        raise PipelineError(f"run {run_id} is {kind}, not {stage!r}; {wanted}")
     if run.info.status != "FINISHED":
-        raise PipelineError(f"{stage} run {run_id} is {run.info.status}, not FINISHED; re-run it")
+        raise PipelineError(f"{stage} run {run_id} is {run.info.status}, not FINISHED; re-run it or {wanted}")
     return run
+
+
+def upstream_run(stage: str, run_id: str) -> Run:
+    """`find_run` for a stage's `<stage>_run_id` option; the error names the option."""
+    try:
+        return find_run(stage, run_id)
+    except PipelineError as error:
+        raise PipelineError(f"{stage}_run_id: {error}") from None
+
+
+def check_upstream(**run_ids: str) -> None:
+    """Raise PipelineError unless every non-empty `<stage>_run_id` names a finished run of that stage.
+
+    Stages call it before they open their own run, so a wrong id costs nothing and logs nothing.
+    """
+    for name, run_id in run_ids.items():
+        if run_id:
+            upstream_run(name.removesuffix("_run_id"), run_id)
 
 
 def _current_experiment_id() -> str:

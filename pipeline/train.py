@@ -144,7 +144,7 @@ def example_png(pixels: np.ndarray) -> bytes:
 def add_options(parser) -> None:
     """The training options (main passes the same ones through)."""
     parser.add_argument(
-        "--learning-rate", type=cli.positive_float, default=config.LEARNING_RATE, help="unless tuned"
+        "--learning-rate", type=cli.fraction, default=config.LEARNING_RATE, help="in (0, 1); unless tuned"
     )
     parser.add_argument("--batch-size", type=cli.positive_int, default=config.BATCH_SIZE, help="unless tuned")
     parser.add_argument("--epochs", type=cli.positive_int, default=config.EPOCHS)
@@ -152,7 +152,9 @@ def add_options(parser) -> None:
     parser.add_argument("--min-epochs", type=cli.non_negative_int, default=config.MIN_EPOCHS)
     parser.add_argument("--augment", type=cli.boolean, default=config.AUGMENT)
     parser.add_argument("--precision", choices=config.PRECISIONS, default=config.PRECISION)
-    parser.add_argument("--model-name", default=config.MODEL_NAME, help="registered model name")
+    parser.add_argument(
+        "--model-name", type=cli.model_name, default=config.MODEL_NAME, help="registered model name"
+    )
 
 
 def parse_args(argv: list[str] | None):
@@ -162,7 +164,7 @@ def parse_args(argv: list[str] | None):
         "--tune-run-id", default="", help="take learning rate and batch size from this search"
     )
     add_options(parser)
-    parser.add_argument("--seed", type=cli.non_negative_int, default=config.SEED)
+    parser.add_argument("--seed", type=cli.seed, default=config.SEED)
     return parser.parse_args(argv)
 
 
@@ -170,6 +172,7 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_params(args.learning_rate, args.batch_size, args.epochs, args.patience, args.min_epochs)
+    tracking.check_upstream(onehot_run_id=args.onehot_run_id, tune_run_id=args.tune_run_id)
     with tracking.stage_run("train", vars(args)) as active, tempfile.TemporaryDirectory() as tmp:
         hyper = {"learning_rate": args.learning_rate, "batch_size": args.batch_size}
         if args.tune_run_id:

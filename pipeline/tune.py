@@ -432,7 +432,7 @@ def parse_args(argv: list[str] | None):
         default=config.EPOCHS_PER_TRIAL,
         help="hyperband: the most epochs one model trains",
     )
-    parser.add_argument("--seed", type=cli.non_negative_int, default=config.SEED)
+    parser.add_argument("--seed", type=cli.seed, default=config.SEED)
     parser.add_argument("--augment", type=cli.boolean, default=config.AUGMENT)
     parser.add_argument("--precision", choices=config.PRECISIONS, default=config.PRECISION)
     parser.add_argument(
@@ -459,6 +459,7 @@ def log_to_mlflow(result: dict, out_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_params(args.oracle, args.max_trials, args.epochs_per_trial, args.seed)
+    tracking.check_upstream(onehot_run_id=args.onehot_run_id)
     with tracking.stage_run("tune", vars(args)), tempfile.TemporaryDirectory() as tmp:
         upstream = tracking.find_run("onehot", args.onehot_run_id)
         mlflow.set_tag(config.ONEHOT_RUN_TAG, upstream.info.run_id)

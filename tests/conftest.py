@@ -4,7 +4,9 @@ import base64
 import io
 import os
 import socket
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,28 @@ def photo_bytes(label: int, index: int, size: int = 24, fmt: str = "JPEG") -> by
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, fmt)
     return buffer.getvalue()
+
+
+def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A real, valid PNG of width x height black pixels (1 bit each) that compresses to tens of KB.
+
+    Written row by row so that making it never holds the pixels in memory.
+    """
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter type 0, then the packed bits
+    compressor = zlib.compressobj(9)
+    rows_per_block = 256
+    data = []
+    for start in range(0, height, rows_per_block):
+        data.append(compressor.compress(row * min(rows_per_block, height - start)))
+    data.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(data)) + chunk(b"IEND", b"")
+    )
 
 
 def make_tree(root: Path, per_class: int = 4, layout: str = "archive") -> Path:

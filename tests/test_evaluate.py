@@ -274,17 +274,25 @@ def test_main_promotes_nothing_below_the_minimum_or_unregistered(mlflow_store, d
         (["--model-uri", "models:/nope@champion"], "--model-uri 'models:/nope@champion' does not resolve"),
         (["--model-uri", "runs:/0123abc/model"], "--model-uri 'runs:/0123abc/model' does not resolve"),
         (["--model-uri", "models:/m-0123abc"], "--model-uri 'models:/m-0123abc' does not resolve"),
-        (["--model-uri", "nowhere/model"], "model URI 'nowhere/model' does not load"),
+        (["--model-uri", "nowhere/model"], "--model-uri 'nowhere/model': nowhere/model does not exist"),
     ],
 )
-def test_unknown_models_exit_2_naming_them(mlflow_store, dataset_dir, caplog, argv, message):
-    if argv[-1] == "nowhere/model":
-        ingest_run_id(dataset_dir)  # the only case that gets as far as loading
+def test_unknown_models_exit_2_naming_them_before_any_run(mlflow_store, caplog, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(argv)
     assert exit_info.value.code == 2
     assert message in caplog.text
     assert "Traceback" not in caplog.text
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_a_folder_that_is_not_a_model_fails_the_run_naming_it(mlflow_store, dataset_dir, tmp_path, caplog):
+    ingest_run_id(dataset_dir)
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--model-uri", str(tmp_path / "not-a-model")])
+    assert exit_info.value.code == 2
+    assert "not-a-model' does not load" in caplog.text
     assert only_run("evaluate").info.status == "FAILED"
 
 

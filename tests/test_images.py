@@ -5,13 +5,15 @@ Every test works on real encoded bytes made with Pillow in memory; nothing is mo
 
 import io
 import struct
+import subprocess
+import sys
 import time
 import zlib
 
 import numpy as np
 import pytest
-from conftest import photo_bytes
-from PIL import Image
+from conftest import ROOT, bomb_png, photo_bytes
+from PIL import Image, features
 
 from pipeline import config, images
 from pipeline.errors import PipelineError
@@ -169,11 +171,26 @@ def test_sixteen_bit_png_keeps_its_gradient():
     assert (np.diff(array[32, :, 0].astype(int)) >= -1).all()  # left to right, it only gets brighter
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_float_tiff_with_nan_or_infinity_is_refused(bad):
+    pixels = np.full((16, 16), 100.0, np.float32)
+    pixels[3, 4] = bad
+    with pytest.raises(images.ImageError) as error:
+        images.preprocess(encode(Image.fromarray(pixels, "F"), "TIFF"), name="float.tif")
+    assert_image_error(error, "float.tif", "NaN or infinity")
+
+
+def test_float_tiff_in_range_is_taken_as_grey():
+    array = images.preprocess(encode(Image.fromarray(np.full((16, 16), 100.4, np.float32), "F"), "TIFF"))
+    assert_model_input(array)
+    assert (array == 100).all()
+
+
 def test_eight_bit_values_stored_as_sixteen_bits_come_back_exactly():
     values = np.arange(256, dtype=np.uint16)
-    data = encode(Image.fromarray(np.tile(values * 257, (4, 1))))
+    data = encode(Image.fromarray(np.tile(values * 257, (8, 1))))
     decoded = np.asarray(images.decode(data, "wide.png"))
-    assert decoded.shape == (4, 256, 3)
+    assert decoded.shape == (8, 256, 3)
     assert np.array_equal(decoded[0, :, 0], values)
 
 
@@ -190,8 +207,16 @@ def test_custom_image_size(size):
     assert_model_input(array, size)
 
 
-def test_one_pixel_image_is_upscaled():
-    array = images.preprocess(encode(Image.new("RGB", (1, 1), (5, 150, 250))))
+@pytest.mark.parametrize("size", [(1, 1), (7, 7), (1, 500), (500, 3)])
+def test_an_image_too_small_to_be_a_photo_is_refused(size):
+    """Upscaled, a 1x1 image is a flat colour: neither a training example nor a question to answer."""
+    with pytest.raises(images.ImageError) as error:
+        images.preprocess(encode(Image.new("RGB", size, (5, 150, 250))), name="dot.png")
+    assert_image_error(error, "dot.png", f"{size[0]}x{size[1]} pixels is too small", "at least 8x8")
+
+
+def test_the_smallest_photo_is_upscaled():
+    array = images.preprocess(encode(Image.new("RGB", (8, 8), (5, 150, 250))))
     assert_model_input(array)
     assert (array == [5, 150, 250]).all()
 
@@ -257,6 +282,28 @@ def test_text_is_not_an_image():
     assert_image_error(error, "notes.jpg", "not an image")
 
 
+@pytest.mark.parametrize("fmt", ["DDS", "EPS", "ICO", "PPM", "TGA", "SGI"])
+def test_formats_outside_the_list_are_refused_unopened(fmt):
+    """Rare formats' decoders are attack surface (fuzzed DDS and SPIDER files raised
+    NotImplementedError and AttributeError; EPS runs Ghostscript): they are never opened."""
+    data = encode(Image.fromarray(gradient(40, 30)), fmt)
+    assert Image.open(io.BytesIO(data)).format == fmt  # Pillow itself would open it
+    with pytest.raises(images.ImageError) as error:
+        images.preprocess(data, name=f"photo.{fmt.lower()}")
+    assert_image_error(error, f"photo.{fmt.lower()}", "not an image", ", ".join(config.IMAGE_FORMATS))
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="this Pillow has no AVIF decoder")
+def test_a_malformed_file_whose_decoder_raises_runtime_error_is_an_image_error():
+    """Found by fuzzing: libavif raises RuntimeError on a damaged item table; any decoder may
+    raise an unusual type, and a skipped file must never become a crash."""
+    data = bytearray(encode(Image.new("RGB", (24, 20), (200, 30, 60)), "AVIF"))
+    data[81:84] = b"\x00\x00\x00"
+    with pytest.raises(images.ImageError) as error:
+        images.preprocess(bytes(data), name="damaged.avif")
+    assert_image_error(error, "damaged.avif", "broken or truncated")
+
+
 def test_truncated_jpeg_raises():
     rng = np.random.default_rng(7)
     noisy = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
@@ -283,6 +330,45 @@ def test_decompression_bomb_is_refused_without_allocating():
     assert time.perf_counter() - started < 1.0
     # Pillow's own guard (2 x Image.MAX_IMAGE_PIXELS) fires first at 400 megapixels.
     assert_image_error(error, "bomb.png", "pixels", "limit")
+
+
+PEAK_MEMORY = """
+import resource, sys
+from pathlib import Path
+from pipeline import images
+try:
+    print(images.read(Path(sys.argv[1])).shape)
+except images.ImageError as error:
+    print(error)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def read_in_a_fresh_process(path) -> tuple[str, int]:
+    """What images.read says about `path`, and the peak memory (MiB) of the process that read it."""
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_MEMORY, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    message, peak = done.stdout.strip().splitlines()
+    return message, int(peak)
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [((20_000, 20_000), "refused as a decompression bomb"), ((8_000, 8_000), "50,000,000-pixel limit")],
+)
+def test_a_real_oversized_png_is_refused_without_decoding_its_pixels(tmp_path, size, message):
+    """Real, valid PNGs of 400 and 64 megapixels (50 KB and 8 KB on disk), not doctored headers:
+    decoding either would raise the peak memory by 64 MB or more."""
+    small, bomb = tmp_path / "small.png", tmp_path / "bomb.png"
+    small.write_bytes(photo_bytes(1, 1, size=100, fmt="PNG"))
+    bomb.write_bytes(bomb_png(*size))
+    shape, baseline = read_in_a_fresh_process(small)
+    assert shape == f"({SIZE}, {SIZE}, 3)"
+    refusal, peak = read_in_a_fresh_process(bomb)
+    assert refusal.startswith(f"{bomb}: ") and message in refusal
+    assert peak - baseline < 32, f"peak {peak} MiB against {baseline} MiB for a small photo"
 
 
 def test_image_over_the_pipeline_pixel_limit_is_refused():
@@ -324,7 +410,7 @@ def test_read_gives_the_same_array_as_preprocess(tmp_path):
 # ---------------------------------------------------------------- preprocess_array
 
 
-@pytest.mark.parametrize("shape", [(10, 10, 3), (64, 64, 3), (200, 120, 3), (1, 1, 3), (31, 47, 3)])
+@pytest.mark.parametrize("shape", [(10, 10, 3), (64, 64, 3), (200, 120, 3), (8, 8, 3), (31, 47, 3)])
 def test_array_rgb_uint8(shape):
     pixels = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
     assert_model_input(images.preprocess_array(pixels))
@@ -398,6 +484,13 @@ def test_array_without_pixels_is_refused():
     with pytest.raises(images.ImageError) as error:
         images.preprocess_array(np.zeros((0, 5, 3), np.uint8), name="frame-0")
     assert_image_error(error, "frame-0", "no pixels", "5x0")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 1), (7, 64), (64, 2, 4)])
+def test_array_too_small_to_be_a_photo_is_refused(shape):
+    with pytest.raises(images.ImageError) as error:
+        images.preprocess_array(np.zeros(shape, np.uint8), name="frame-dot")
+    assert_image_error(error, "frame-dot", f"{shape[1]}x{shape[0]} pixels is too small")
 
 
 def test_array_over_the_pixel_limit_is_refused_before_any_work(monkeypatch):

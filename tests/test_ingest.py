@@ -1,9 +1,13 @@
 """Ingest: layouts, labels, bad files, the split, and the outputs."""
 
+import hashlib
+import time
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_tree, make_zip, photo_bytes
+from conftest import bomb_png, make_tree, make_zip, photo_bytes
 from PIL import Image
 
 from pipeline import config, images, ingest
@@ -125,17 +129,118 @@ def test_bad_files_are_skipped_listed_and_the_rest_ingested(tmp_path):
     assert len(skipped_csv) == 6
 
 
-def test_symlink_outside_the_dataset_is_skipped(tmp_path):
+def test_symlinks_are_followed_only_to_files_inside_the_dataset(tmp_path):
     root = make_tree(tmp_path / "photos", per_class=4, layout="folders")
-    outside = tmp_path / "secret.jpg"
-    outside.write_bytes(photo_bytes(0, 99))
-    (root / "0" / "link.jpg").symlink_to(outside)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for index in range(4):
+        (outside / f"{index}.jpg").write_bytes(photo_bytes(0, 90 + index))
+    (root / "0" / "link.jpg").symlink_to(outside / "0.jpg")
+    (root / "0" / "relative.jpg").symlink_to(Path("..", "..", "elsewhere", "1.jpg"))
+    (root / "0" / "folder").symlink_to(outside, target_is_directory=True)
+    (root / "0" / "inside-folder").symlink_to(root / "1", target_is_directory=True)
+    (root / "0" / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    (root / "0" / "loop.jpg").symlink_to("loop.jpg")
+    (root / "8").rename(tmp_path / "eight")
+    (root / "8").symlink_to(tmp_path / "eight", target_is_directory=True)
     (root / "0" / "inside.jpg").symlink_to(root / "0" / "1.jpg")
+    with pytest.raises(PipelineError, match="digit 8: 0"):  # the linked digit folder is not followed
+        run(root, tmp_path)
+    (root / "8").unlink()
+    (tmp_path / "eight").rename(root / "8")
     result = run(root, tmp_path)
     reasons = dict(zip(result.skipped["file"], result.skipped["reason"]))
-    assert "outside the dataset" in reasons["0/link.jpg"]
-    assert "0/inside.jpg" not in reasons
-    assert "0/inside.jpg" in set(result.manifest["file"])
+    for name in ("0/link.jpg", "0/relative.jpg", "0/folder"):
+        assert f"{outside.resolve()}" in reasons[name] and "outside the dataset" in reasons[name]
+    assert reasons["0/inside-folder"] == "symbolic link to a folder (not followed)"
+    assert (
+        reasons["0/dangling.jpg"] == reasons["0/loop.jpg"] == "symbolic link to nothing (it dangles or loops)"
+    )
+    assert "0/inside.jpg" not in reasons and "0/inside.jpg" in set(result.manifest["file"])
+    assert len(result.skipped) == 6 and len(result.manifest) == 41
+    outside_hashes = {hashlib.sha256(path.read_bytes()).hexdigest() for path in outside.iterdir()}
+    assert not outside_hashes & set(result.manifest["sha256"])
+
+
+def test_a_linked_digit_folder_is_skipped_with_its_reason(tmp_path):
+    root = make_tree(tmp_path / "photos", per_class=4, layout="folders")
+    extra = make_tree(tmp_path / "extra", per_class=1, layout="folders")
+    (root / "extra-3").symlink_to(extra / "3", target_is_directory=True)
+    result = run(root, tmp_path)
+    reasons = dict(zip(result.skipped["file"], result.skipped["reason"]))
+    assert "outside the dataset" in reasons["extra-3"]
+    assert len(result.manifest) == 40
+
+
+def test_content_decides_not_the_extension(tmp_path):
+    """A .JPG holding a PNG is a valid photo and is used; a .JPG holding text is skipped, alone."""
+    root = make_tree(tmp_path / "photos", per_class=4, layout="folders")
+    (root / "1" / "really-a-png.JPG").write_bytes(photo_bytes(1, 50, fmt="PNG"))
+    (root / "2" / "notes.JPG").write_text("not a photo, just text in a .JPG")
+    result = run(root, tmp_path)
+    reasons = dict(zip(result.skipped["file"], result.skipped["reason"]))
+    assert reasons == {
+        "2/notes.JPG": "2/notes.JPG: not an image Pillow can read as one of "
+        + ", ".join(config.IMAGE_FORMATS)
+    }
+    assert "1/really-a-png.JPG" in set(result.manifest["file"])
+    assert len(result.manifest) == 41
+
+
+def test_an_image_too_small_to_be_a_photo_is_skipped(tmp_path):
+    root = make_tree(tmp_path / "photos", per_class=4, layout="folders")
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(root / "3" / "dot.png")
+    result = run(root, tmp_path)
+    reasons = dict(zip(result.skipped["file"], result.skipped["reason"]))
+    assert "1x1 pixels is too small for a photo of a hand" in reasons["3/dot.png"]
+    assert len(result.manifest) == 40
+
+
+def test_a_decompression_bomb_is_skipped_fast_without_decoding(tmp_path):
+    root = make_tree(tmp_path / "photos", per_class=4, layout="folders")
+    (root / "6" / "bomb.png").write_bytes(bomb_png(20_000, 20_000))
+    (root / "6" / "huge.png").write_bytes(bomb_png(8_000, 8_000))
+    started = time.perf_counter()
+    result = run(root, tmp_path)
+    assert time.perf_counter() - started < 30  # decoding 400 megapixels alone would take longer
+    reasons = dict(zip(result.skipped["file"], result.skipped["reason"]))
+    assert (
+        "20000x20000 pixels exceeds" in reasons["6/bomb.png"] or "decompression bomb" in reasons["6/bomb.png"]
+    )
+    assert "8000x8000 pixels exceeds the 50,000,000-pixel limit" in reasons["6/huge.png"]
+    assert len(result.manifest) == 40
+
+
+def test_a_file_over_the_size_limit_is_skipped_unread(tmp_path):
+    root = make_tree(tmp_path / "photos", per_class=4, layout="folders")
+    with open(root / "5" / "huge.jpg", "wb") as sparse:  # takes no disk space
+        sparse.truncate(config.MAX_IMAGE_FILE_BYTES + 1)
+    result = run(root, tmp_path)
+    reasons = dict(zip(result.skipped["file"], result.skipped["reason"]))
+    assert reasons["5/huge.jpg"] == (
+        f"5/huge.jpg: {config.MAX_IMAGE_FILE_BYTES + 1:,} bytes is over the "
+        f"{config.MAX_IMAGE_FILE_BYTES:,}-byte limit for one photo"
+    )
+    assert len(result.manifest) == 40
+
+
+NAMES = {3: "٣ صورة.JPG", 5: "写真 1.JPG", 6: "фото 2.JPG", 7: "  two  spaces .jpg", 8: "e\u0301te\u0301.jpg"}
+
+
+@pytest.mark.parametrize("kind", ["folder", "zip"])
+def test_names_with_spaces_and_other_scripts_are_ingested_as_they_are(tmp_path, kind):
+    root = make_tree(tmp_path / "photos", per_class=4, layout="folders")
+    for label, name in NAMES.items():
+        (root / str(label) / name).write_bytes(photo_bytes(label, 70))
+    source = make_zip(root, tmp_path / "photos.zip") if kind == "zip" else root
+    result = run(source, tmp_path)
+    assert result.skipped.empty
+    manifest = pd.read_csv(tmp_path / "out" / config.MANIFEST_FILE, encoding="utf-8")
+    assert len(manifest) == 45
+    for label, name in NAMES.items():
+        row = manifest[manifest["file"] == f"{label}/{name}"]
+        assert len(row) == 1, name
+        assert row["label"].item() == label
 
 
 def test_empty_class_fails_naming_the_digit(tmp_path):

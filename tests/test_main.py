@@ -99,13 +99,22 @@ def test_main_runs_every_stage_and_the_champion_loads(tmp_path, real_archive):
 
 
 def test_a_failing_step_stops_the_chain_with_its_error(tmp_path):
-    done = mlflow_run(tmp_path, f"source={tmp_path / 'missing.zip'}")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "hand.jpg").write_bytes(b"not in a known layout")
+    done = mlflow_run(tmp_path, f"source={tmp_path / 'photos'}")
     assert done.returncode != 0
-    assert "missing.zip' does not exist" in done.stderr
+    assert "found no images in a known layout" in done.stderr
     assert "step ingest failed" in done.stderr
     runs = runs_by_entry_point()
     assert set(runs) == {"main", "ingest"}
     assert runs["main"].info.status == "FAILED" and runs["ingest"].info.status == "FAILED"
+
+
+def test_an_impossible_parameter_stops_main_before_its_first_step(tmp_path):
+    done = mlflow_run(tmp_path, f"source={tmp_path}", "learning_rate=1.5")
+    assert done.returncode != 0
+    assert "--learning-rate: must lie strictly between 0 and 1, got 1.5" in done.stderr
+    assert set(runs_by_entry_point()) == {"main"}
 
 
 @pytest.mark.real_data

@@ -1,6 +1,7 @@
 """`mlflow models serve` of the registered champion: the JSON shapes it takes and the errors it gives."""
 
 import base64
+import io
 import json
 import os
 import signal
@@ -16,8 +17,9 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-from conftest import b64, free_port, photo_bytes, tiny_classifier
+from conftest import b64, bomb_png, free_port, photo_bytes, tiny_classifier
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from pipeline import config, images, serving
 
@@ -131,6 +133,14 @@ def probabilities(rows: list[dict]) -> np.ndarray:
 
 
 PHOTOS = [photo_bytes(2, 0, size=50), photo_bytes(7, 1, size=80)]
+
+
+def tiny_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1), (1, 2, 3)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 PIXELS = [np.random.default_rng(0).integers(0, 256, (48, 40, 3)), np.full((40, 52), 90)]
 
 
@@ -175,35 +185,64 @@ def test_pixels_as_nested_lists_in_the_dataframe_shapes(server, keras_model, sha
 GOOD = b64(PHOTOS[0])
 
 
-@pytest.mark.parametrize(
-    ("body", "message"),
-    [
-        ({"inputs": [GOOD, "%%% not base64 %%%"]}, "image 1: not valid base64"),
-        ({"inputs": [b64(b"plain text, not a photo")]}, "image 0: not an image"),
-        ({"dataframe_records": [{"image": np.zeros((8, 8, 2), int).tolist()}]}, "got shape (8, 8, 2)"),
-        ({"dataframe_split": {"columns": ["image"], "data": [[[[1, 2], [3]]]]}}, "differ in length"),
-        ({"dataframe_records": [{"image": [[300] * 9] * 9}]}, "0..255"),
-        ({"inputs": [PIXELS[0].tolist()]}, "too small"),
-        ({"dataframe_split": {"columns": ["image"], "data": []}}, "the batch is empty"),
-        ({"inputs": []}, "0 inputs"),
-        ({"inputs": [GOOD] * (config.MAX_PREDICT_BATCH + 1)}, f"at most {config.MAX_PREDICT_BATCH:,}"),
-        (b"{not json", "valid JSON"),
-        ({"images": [GOOD]}, "inputs"),
-    ],
-    ids=[
-        "garbage-base64",
-        "base64-of-text",
-        "two-channels",
-        "ragged-pixels",
-        "pixels-out-of-range",
-        "pixels-under-inputs",
-        "empty-dataframe",
-        "empty-inputs",
-        "too-many",
-        "not-json",
-        "unknown-key",
-    ],
-)
+NAN_PIXELS = json.dumps({"dataframe_records": [{"image": [[float("nan")] * 9] * 9}]}).encode()  # NaN literals
+INF_PIXELS = json.dumps({"dataframe_records": [{"image": [[0, float("inf")] * 5] * 9}]}).encode()
+MALFORMED = [
+    pytest.param({"inputs": [GOOD, "%%% not base64 %%%"]}, "image 1: not valid base64", id="garbage-base64"),
+    pytest.param({"inputs": [b64(b"plain text, not a photo")]}, "image 0: not an image", id="base64-of-text"),
+    pytest.param(
+        {"dataframe_records": [{"image": np.zeros((8, 8, 2), int).tolist()}]},
+        "got shape (8, 8, 2)",
+        id="two-channels",
+    ),
+    pytest.param(
+        {"dataframe_split": {"columns": ["image"], "data": [[np.zeros((9, 9, 5), int).tolist()]]}},
+        "got shape (9, 9, 5)",
+        id="five-channels",
+    ),
+    pytest.param(
+        {"dataframe_records": [{"image": np.zeros((1, 9, 9, 3, 1), int).tolist()}]},
+        "got shape (1, 9, 9, 3, 1)",
+        id="rank-5-pixels",
+    ),
+    pytest.param(
+        {"inputs": np.zeros((1, 9, 9, 3, 1), int).tolist()}, "send each photo's pixels", id="rank-5-inputs"
+    ),
+    pytest.param({"dataframe_records": [{"image": [0] * 64}]}, "shape (64,)", id="rank-1-pixels"),
+    pytest.param(
+        {"dataframe_split": {"columns": ["image"], "data": [[[[1, 2], [3]]]]}},
+        "differ in length",
+        id="ragged",
+    ),
+    pytest.param({"dataframe_records": [{"image": [[300] * 9] * 9}]}, "0..255", id="pixels-out-of-range"),
+    pytest.param(
+        {"dataframe_records": [{"image": [[True] * 9] * 9}]},
+        "expected numbers, got dtype bool",
+        id="booleans",
+    ),
+    pytest.param(
+        {"dataframe_records": [{"image": [["a"] * 9] * 9}]}, "expected numbers", id="strings-as-pixels"
+    ),
+    pytest.param(NAN_PIXELS, "NaN or infinity", id="nan-pixels"),
+    pytest.param(INF_PIXELS, "NaN or infinity", id="inf-pixels"),
+    pytest.param({"inputs": [PIXELS[0].tolist()]}, "too small", id="pixels-under-inputs"),
+    pytest.param({"inputs": [b64(tiny_png())]}, "1x1 pixels is too small", id="base64-of-a-1x1-png"),
+    pytest.param({"inputs": [b64(bomb_png())]}, "decompression bomb", id="base64-of-a-20000x20000-png"),
+    pytest.param(
+        {"dataframe_split": {"columns": ["image"], "data": []}}, "the batch is empty", id="empty-dataframe"
+    ),
+    pytest.param({"inputs": []}, "0 inputs", id="empty-inputs"),
+    pytest.param(
+        {"inputs": [GOOD] * (config.MAX_PREDICT_BATCH + 1)},
+        f"at most {config.MAX_PREDICT_BATCH:,}",
+        id="too-many",
+    ),
+    pytest.param(b"{not json", "valid JSON", id="not-json"),
+    pytest.param({"images": [GOOD]}, "inputs", id="unknown-key"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), MALFORMED)
 def test_malformed_requests_get_a_400_naming_the_problem_without_a_traceback(server, body, message):
     status, text = post(server, body)
     assert status == 400, text[:2000]
@@ -213,7 +252,13 @@ def test_malformed_requests_get_a_400_naming_the_problem_without_a_traceback(ser
     assert "stack_trace" not in answer
 
 
-def test_the_server_still_answers_after_bad_requests(server):
-    for bad in ({"inputs": ["%%%"]}, {"inputs": []}, b"\xff\xfe"):
-        assert 400 <= post(server, bad)[0] < 500
-    assert len(predictions(server, {"inputs": [GOOD]})) == 1
+def test_the_server_keeps_answering_good_requests_after_every_bad_one(server):
+    good = {"inputs": [GOOD]}
+    before = predictions(server, good)
+    bad_bodies = [case.values[0] for case in MALFORMED] + [b"\xff\xfe", b"", b"null", b"[]", b'"x"']
+    for body in bad_bodies:
+        status, text = post(server, body)
+        assert 400 <= status < 500, (body if isinstance(body, bytes) else str(body)[:200], status, text[:500])
+    assert post(server, b"image,\n%%%\n", content_type="text/csv")[0] == 400
+    assert 400 <= post(server, b"\x00\x01", content_type="image/png")[0] < 500
+    assert predictions(server, good) == before

@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import b64, photo_bytes, tiny_classifier
+from conftest import b64, bomb_png, photo_bytes, tiny_classifier
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
@@ -207,9 +207,10 @@ def test_4d_batches_and_lists_of_arrays_work_on_the_python_model(served, python_
 
 def test_pyfunc_schema_check_refuses_bare_arrays_so_send_a_dataframe_column(served):
     batch = pixels((2, 64, 64, 3))
-    for bare in (batch, list(batch)):
-        with pytest.raises(MlflowException, match="Failed to enforce schema"):
+    for bare in (batch, list(batch), pixels((1, 16, 16, 3, 1))):
+        with pytest.raises(MlflowException, match="Failed to enforce schema") as raised:
             served.predict(bare)
+        assert raised.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
 def test_batch_is_chunked_in_order_and_compiled_once(python_model):
@@ -240,31 +241,46 @@ def test_build_batch_gives_the_pixels_ingest_gives(served):
 GOOD = b64(photo_bytes(1, 0))
 
 
-@pytest.mark.parametrize(
-    ("bad", "message"),
-    [
-        pytest.param("!!not*base64!!", "not valid base64", id="garbage-base64"),
-        pytest.param("QUJD" * 3 + "Q", "not valid base64", id="base64-bad-length"),
-        pytest.param(b64(b"just some text, not a photo"), "not an image", id="base64-of-text"),
-        pytest.param("data:image/png,rawbytes", "data URL must be base64", id="data-url-not-base64"),
-        pytest.param("", "empty", id="empty-string"),
-        pytest.param(png(pixels((64, 64, 3)))[:200], "broken or truncated", id="truncated-png-bytes"),
-        pytest.param(pixels((64,)).tolist(), "shape", id="rank-1"),
-        pytest.param(pixels((2, 64, 64, 3)), "shape", id="rank-4"),
-        pytest.param(pixels((64, 64, 2)), "got shape (64, 64, 2)", id="two-channels"),
-        pytest.param(np.full((64, 64, 3), "a"), "expected numbers", id="strings"),
-        pytest.param(np.ones((64, 64), dtype=bool), "expected numbers", id="booleans"),
-        pytest.param(np.full((64, 64), np.nan), "NaN or infinity", id="nan"),
-        pytest.param(np.full((64, 64), np.inf), "NaN or infinity", id="inf"),
-        pytest.param(np.full((64, 64), 256.0), "0..255", id="above-255"),
-        pytest.param(-pixels((64, 64)).astype(np.int16) - 1, "0..255", id="negative"),
-        pytest.param([[1, 2, 3], [4, 5]], "differ in length", id="ragged-lists"),
-        pytest.param([[None] * 9] * 9, "not all numbers", id="none-pixels"),
-        pytest.param(pixels((30, 3)), "too small", id="one-row-of-pixels"),
-        pytest.param(None, "missing", id="none"),
-        pytest.param(3.5, "cannot read an image from float", id="number"),
-    ],
-)
+BAD_ITEMS = [
+    pytest.param("!!not*base64!!", "not valid base64", id="garbage-base64"),
+    pytest.param("QUJD" * 3 + "Q", "not valid base64", id="base64-bad-length"),
+    pytest.param(b64(b"just some text, not a photo"), "not an image", id="base64-of-text"),
+    pytest.param("data:image/png,rawbytes", "data URL must be base64", id="data-url-not-base64"),
+    pytest.param("", "empty", id="empty-string"),
+    pytest.param(png(pixels((64, 64, 3)))[:200], "broken or truncated", id="truncated-png-bytes"),
+    pytest.param(pixels((64,)).tolist(), "shape", id="rank-1"),
+    pytest.param(pixels((2, 64, 64, 3)), "shape", id="rank-4"),
+    pytest.param(pixels((64, 64, 2)), "got shape (64, 64, 2)", id="two-channels"),
+    pytest.param(np.full((64, 64, 3), "a"), "expected numbers", id="strings"),
+    pytest.param(np.ones((64, 64), dtype=bool), "expected numbers", id="booleans"),
+    pytest.param(np.full((64, 64), np.nan), "NaN or infinity", id="nan"),
+    pytest.param(np.full((64, 64), np.inf), "NaN or infinity", id="inf"),
+    pytest.param(np.full((64, 64), 256.0), "0..255", id="above-255"),
+    pytest.param(-pixels((64, 64)).astype(np.int16) - 1, "0..255", id="negative"),
+    pytest.param([[1, 2, 3], [4, 5]], "differ in length", id="ragged-lists"),
+    pytest.param([[None] * 9] * 9, "not all numbers", id="none-pixels"),
+    pytest.param(pixels((30, 3)), "too small", id="one-row-of-pixels"),
+    pytest.param(None, "missing", id="none"),
+    pytest.param(3.5, "cannot read an image from float", id="number"),
+    pytest.param("   \n ", "empty", id="whitespace-string"),
+    pytest.param("写真です", "not valid base64", id="non-ascii-string"),
+    pytest.param(b64(b"%PDF-1.4 not a photo"), "not an image", id="base64-of-a-pdf-header"),
+    pytest.param(b64(png(pixels((1, 1, 3)))), "1x1 pixels is too small", id="base64-of-a-1x1-png"),
+    pytest.param(b64(bomb_png()), "decompression bomb", id="base64-of-a-20000x20000-png"),
+    pytest.param(bomb_png(), "decompression bomb", id="bytes-of-a-20000x20000-png"),
+    pytest.param(pixels((1, 16, 16, 3, 1)), "got shape (1, 16, 16, 3, 1)", id="rank-5"),
+    pytest.param(pixels((64, 64, 5)), "got shape (64, 64, 5)", id="five-channels"),
+    pytest.param(np.full((16, 16, 3), np.nan, np.float16), "NaN or infinity", id="float16-nan"),
+    pytest.param(np.full((16, 16, 3), -np.inf), "NaN or infinity", id="minus-inf"),
+    pytest.param(np.full((16, 16, 3), 2**63, np.uint64), "0..255", id="huge-uint64"),
+    pytest.param(np.full((16, 16, 3), 1 + 1j), "expected numbers", id="complex"),
+    pytest.param(np.full((16, 16, 3), None, dtype=object), "not all numbers", id="object-nones"),
+    pytest.param({"pixels": 1}, "cannot read an image from dict", id="dict"),
+    pytest.param(True, "cannot read an image from bool", id="bool"),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), BAD_ITEMS)
 def test_a_bad_item_is_refused_naming_it_and_what_to_send(served, bad, message):
     column = pd.Series([GOOD, GOOD, bad, GOOD], dtype=object)
     with pytest.raises(MlflowException) as raised:
@@ -273,6 +289,36 @@ def test_a_bad_item_is_refused_naming_it_and_what_to_send(served, bad, message):
     assert raised.value.message.startswith("image 2: ")
     assert message in raised.value.message
     assert "send " in raised.value.message
+
+
+def test_the_model_answers_the_same_after_every_bad_input(served):
+    good = pd.DataFrame({"image": [GOOD]})
+    before = served.predict(good)
+    for case in BAD_ITEMS:
+        with pytest.raises(MlflowException):
+            served.predict(pd.DataFrame({"image": pd.Series([case.values[0]], dtype=object)}))
+    pd.testing.assert_frame_equal(served.predict(good), before)
+
+
+def test_a_base64_string_over_the_size_limit_is_refused_before_decoding(served, monkeypatch):
+    monkeypatch.setattr(config, "MAX_IMAGE_FILE_BYTES", 3_000)
+    with pytest.raises(MlflowException) as raised:
+        served.predict(pd.DataFrame({"image": [GOOD, "QUJD" * 1_001]}))
+    assert "image 1: 4,004 base64 characters hold more than the 3,000-byte limit" in raised.value.message
+
+
+def test_one_and_four_channels_are_taken_as_grey_and_rgba(served):
+    grey = pixels((40, 30), 3)
+    rgb = pixels((40, 30, 3), 4)
+    rgba = np.dstack([rgb, np.full((40, 30), 255, np.uint8)])  # opaque: the same photo as rgb
+    photos = [grey, grey[..., None], np.dstack([grey] * 3), rgba, rgb]
+    answer = served.predict(pd.DataFrame({"image": photos}))
+    pd.testing.assert_frame_equal(
+        answer.iloc[[1, 2]].reset_index(drop=True), answer.iloc[[0, 0]].reset_index(drop=True)
+    )
+    pd.testing.assert_frame_equal(
+        answer.iloc[[3]].reset_index(drop=True), answer.iloc[[4]].reset_index(drop=True)
+    )
 
 
 def test_an_empty_batch_is_refused(served, python_model):
@@ -302,9 +348,12 @@ def test_a_batch_over_the_limit_is_refused_before_decoding(served):
         pd.DataFrame({"a": [GOOD], "b": [GOOD]}),
         {"image": [GOOD], "other": [GOOD]},
         pixels((64, 64, 3)),
+        pixels((64, 64)),
+        pixels((1, 16, 16, 3, 1)),
         GOOD,
+        7,
     ],
-    ids=["two-columns", "two-keys", "3d-array", "bare-string"],
+    ids=["two-columns", "two-keys", "3d-array", "2d-array", "5d-array", "bare-string", "number"],
 )
 def test_the_python_model_refuses_inputs_it_cannot_read(python_model, bad):
     with pytest.raises(MlflowException, match="send a|expected a") as raised:

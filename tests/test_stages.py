@@ -65,7 +65,7 @@ def test_build_logs_parameter_count_and_architecture(mlflow_store):
     ("argv", "message"),
     [
         (["--val-fraction", "1.5"], "--val-fraction: must lie strictly between 0 and 1"),
-        (["--image-size", "0"], "--image-size: must be a whole number >= 1"),
+        (["--image-size", "0"], "--image-size: must be a whole number from 32 to 1024"),
         (["--seed", "x"], "--seed: must be a number"),
         (["--sha256", "abc"], "--sha256: must be 64 hexadecimal digits"),
     ],
@@ -85,11 +85,22 @@ def test_cross_parameter_check_happens_before_any_run(mlflow_store, caplog):
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
-def test_missing_source_fails_the_run_with_a_clear_message(mlflow_store, tmp_path, caplog):
+def test_missing_source_is_refused_with_a_clear_message_before_any_run(mlflow_store, tmp_path, caplog):
     with pytest.raises(SystemExit) as exit_info:
         ingest.main(["--source", str(tmp_path / "missing.zip")])
     assert exit_info.value.code == 2
     assert "missing.zip' does not exist" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_a_source_that_breaks_after_the_checks_fails_the_run(mlflow_store, tmp_path, caplog):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "hand.jpg").write_bytes(b"not in a known layout")
+    with pytest.raises(SystemExit) as exit_info:
+        ingest.main(["--source", str(tmp_path / "photos")])
+    assert exit_info.value.code == 2
+    assert "found no images in a known layout" in caplog.text
     assert "Traceback" not in caplog.text
     assert only_run("ingest").info.status == "FAILED"
 
@@ -99,4 +110,4 @@ def test_onehot_given_a_build_run_id_refuses_it(mlflow_store, caplog):
         mlflow.set_tag(config.STAGE_TAG, "build")
     with pytest.raises(SystemExit):
         onehot.main(["--ingest-run-id", other.info.run_id])
-    assert "is a build run, not a ingest run" in caplog.text
+    assert "ingest_run_id: run " in caplog.text and "is of stage 'build', not 'ingest'" in caplog.text

@@ -1,5 +1,7 @@
 """Stage runs: tags, statuses, params, and upstream look-ups on a real SQLite store."""
 
+from pathlib import Path
+
 import mlflow
 import pytest
 
@@ -61,7 +63,7 @@ def test_find_run_rejects_unknown_wrong_stage_and_unfinished_runs(mlflow_store):
         raise PipelineError("fails")
     with pytest.raises(PipelineError, match="does not exist"):
         tracking.find_run("ingest", "0123456789abcdef0123456789abcdef")
-    with pytest.raises(PipelineError, match="is a onehot run, not a ingest run"):
+    with pytest.raises(PipelineError, match="is of stage 'onehot', not 'ingest'"):
         tracking.find_run("ingest", onehot_run.info.run_id)
     with pytest.raises(PipelineError, match="FAILED, not FINISHED"):
         tracking.find_run("ingest", failed.info.run_id)
@@ -79,3 +81,29 @@ def test_default_tracking_uri_is_sqlite_and_the_variable_wins(monkeypatch):
     assert config.tracking_uri() == "sqlite:///mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert config.tracking_uri() == "http://127.0.0.1:5000"
+
+
+@pytest.mark.parametrize(
+    ("uri", "path"),
+    [
+        ("sqlite:///mlflow.db", "{cwd}/mlflow.db"),
+        ("sqlite:////data/runs/mlflow.db", "/data/runs/mlflow.db"),
+        ("sqlite:///store.db?timeout=30", "{cwd}/store.db"),
+        ("sqlite:///:memory:", None),
+        ("sqlite://", None),
+        ("http://127.0.0.1:5000", None),
+        ("postgresql://user@host/mlflow", None),
+    ],
+)
+def test_the_sqlite_file_is_found_for_the_creation_lock(uri, path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    found = tracking._sqlite_path(uri)
+    assert found == (None if path is None else Path(path.format(cwd=tmp_path.resolve())))
+
+
+def test_a_new_store_is_created_under_a_lock_next_to_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}")
+    tracking.configure()
+    assert (tmp_path / "new" / "mlflow.db").is_file()
+    assert (tmp_path / "new" / "mlflow.db-init.lock").is_file()  # .gitignore's mlflow.db-* covers it
+    assert mlflow.search_experiments()  # the tables exist: MLflow's Default experiment

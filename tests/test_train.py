@@ -102,5 +102,5 @@ def test_main_registers_a_model_that_loads_by_name(mlflow_store, tmp_path):
 def test_tune_run_id_of_another_stage_is_refused(mlflow_store):
     with mlflow.start_run() as other:
         mlflow.set_tag(config.STAGE_TAG, "ingest")
-    with pytest.raises(PipelineError, match="not a tune run"):
+    with pytest.raises(PipelineError, match="of stage .ingest., not .tune."):
         train.tuned_hyperparameters(other.info.run_id)
