@@ -91,7 +91,7 @@ def find_unfinished(
         experiment_ids=[experiment_id],
         filter_string=(
             f"tags.`{config.STAGE_TAG}` = '{stage}' "
-            "and attributes.status IN ('KILLED', 'FAILED', 'RUNNING') "
+            "and attributes.status != 'FINISHED' "
             f"and tags.`{config.COMMIT_TAG}` = '{version[config.COMMIT_TAG]}'"
         ),
         order_by=["attributes.start_time DESC"],
@@ -100,7 +100,9 @@ def find_unfinished(
     wanted = typed(stage, parameters)
     for run in candidates:
         process = run.data.tags.get(config.PROCESS_TAG, "")
-        if run.info.status == "RUNNING" and (not process or tracking.process_alive(process)):
+        if run.info.status == "SCHEDULED" or (
+            run.info.status == "RUNNING" and (not process or tracking.process_alive(process))
+        ):
             continue
         if typed(stage, run.data.params) == wanted:
             return run
