@@ -9,6 +9,7 @@ same parameters and commit, so that a killed search or training keeps one run.
 import argparse
 import importlib
 import logging
+import shlex
 from pathlib import Path
 
 import mlflow
@@ -113,12 +114,28 @@ def typed(stage: str, parameters: dict) -> argparse.Namespace | None:
     """Parameters parsed by the stage's own command line, so "0.15" equals ".15".
 
     Params that are not options of the stage are left out: they are results the stage
-    logged itself (tune's best_*, train's tuned_*).
+    logged itself (tune's best_*, train's tuned_*). `mlflow run` logs the values as it
+    quoted them for the shell (an empty string as ''); they are unquoted first.
     """
     parse_args = importlib.import_module(f"pipeline.{stage}").parse_args
     options = vars(parse_args([]))
-    argv = [f"--{key.replace('_', '-')}={value}" for key, value in parameters.items() if key in options]
+    argv = [
+        f"--{key.replace('_', '-')}={unquote(str(value))}"
+        for key, value in parameters.items()
+        if key in options
+    ]
     try:
         return parse_args(argv)
     except SystemExit:
         return None
+
+
+def unquote(value: str) -> str:
+    """A value as given, from the shell-quoted form `mlflow run` logs ('' for "", 'a b' for a b)."""
+    if len(value) < 2 or value[0] != "'" or value[-1] != "'":
+        return value
+    try:
+        words = shlex.split(value)
+    except ValueError:
+        return value
+    return words[0] if len(words) == 1 else "" if not words else value

@@ -134,6 +134,13 @@ def test_reuse_needs_same_typed_params_and_the_same_clean_commit(mlflow_store):
     assert steps.find_reusable("onehot", same, experiment, dirty) is None
 
 
+def test_params_logged_shell_quoted_by_mlflow_run_compare_equal():
+    # `mlflow run` logs "-P sha256=" as "''" and a path with a space as "'/a b.zip'".
+    stored = {"source": "'/data/a b.zip'", "sha256": "''", "image_size": "32", "num_images": "40"}
+    given = {"source": "/data/a b.zip", "sha256": "", "image_size": 32}
+    assert steps.typed("ingest", stored) == steps.typed("ingest", given) is not None
+
+
 def test_an_unfinished_tune_or_train_run_is_found_to_continue(mlflow_store):
     experiment = mlflow.set_experiment("tests").experiment_id
     version = {config.COMMIT_TAG: "a" * 40, config.DIRTY_TAG: "true"}  # dirty is fine here

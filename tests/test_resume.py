@@ -262,9 +262,11 @@ def test_main_killed_during_train_reuses_every_finished_step_and_continues_train
     process.wait()
     finish(start(command, log), log)
     found = entry_point_runs("e2e")
-    assert [r.info.status for r in found["main"]] == ["KILLED", "FINISHED"]
+    summary = {name: [(r.info.run_id[:8], r.info.status) for r in found[name]] for name in found}
+    assert [r.info.status for r in found["main"]] == ["KILLED", "FINISHED"], summary
     first_main, second_main = (r.info.run_id for r in found["main"])
     for name in ("ingest", "onehot", "build", "tune"):  # finished before the kill: reused
+        assert len(found[name]) == 1, summary
         (run,) = found[name]
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == first_main, name
         assert mlflow.get_run(second_main).data.tags[f"pipeline.{name}_run_id"] == run.info.run_id
