@@ -40,6 +40,9 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "sign-language-digits"
 STAGE_TAG = "pipeline.stage"
+# host:pid:start-time of the process that runs a stage or a trial; a later stage marks a run
+# KILLED when it is still RUNNING but that process is gone (SIGKILL, power cut, OOM killer).
+PROCESS_TAG = "pipeline.process"
 COMMIT_TAG = "pipeline.git_commit"
 DIRTY_TAG = "pipeline.git_dirty"
 # Tags that link a run to the runs and model it came from or produced.
@@ -104,6 +107,14 @@ BAYESIAN_INITIAL_POINTS = 2  # Keras Tuner's default (6 here) would make a 4-tri
 TUNER_DIR_ENV = "SIGN_DIGITS_TUNER_DIR"
 DEFAULT_TUNER_DIR = Path("tuner")
 
+# Where train backs up its state after every epoch (weights, optimizer, early stopping) until
+# the run has finished, so that a killed run continues where it stopped.
+CHECKPOINT_DIR_ENV = "SIGN_DIGITS_CHECKPOINT_DIR"
+DEFAULT_CHECKPOINT_DIR = Path("checkpoints")
+# "1" runs training steps eagerly, without tracing a graph: slower per step, but no 30-90 s of
+# tracing per process; for tests and debugging.
+EAGER_ENV = "SIGN_DIGITS_RUN_EAGERLY"
+
 # Registry and evaluation
 MODEL_NAME = "sign-digits-resnet50"
 CHAMPION_ALIAS = "champion"
@@ -129,6 +140,15 @@ def tracking_uri() -> str:
 def tuner_dir() -> Path:
     """The folder for Keras Tuner's trial state ($SIGN_DIGITS_TUNER_DIR wins)."""
     return Path(os.environ.get(TUNER_DIR_ENV) or DEFAULT_TUNER_DIR)
+
+
+def checkpoint_dir() -> Path:
+    """The folder for train's per-epoch backups ($SIGN_DIGITS_CHECKPOINT_DIR wins)."""
+    return Path(os.environ.get(CHECKPOINT_DIR_ENV) or DEFAULT_CHECKPOINT_DIR)
+
+
+def run_eagerly() -> bool:
+    return os.environ.get(EAGER_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def experiment_name() -> str:

@@ -1,8 +1,10 @@
 """The training step that `train` and every tuning trial share: precision, optimizer,
 schedule, loss, and the callbacks that log each epoch to MLflow."""
 
+import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -10,11 +12,10 @@ import keras
 import mlflow
 import numpy as np
 
-from pipeline import config, resnet
+from pipeline import config, files, resnet
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
-
 
 
 def bf16_is_native() -> bool:
@@ -70,6 +71,7 @@ def compile_model(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
         metrics=["accuracy"],
+        run_eagerly=config.run_eagerly(),
     )
     return model
 
@@ -79,13 +81,21 @@ def steps(num_images: int, batch_size: int) -> int:
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """Logs every epoch's metrics, learning rate, epoch time and images/s to one MLflow run."""
+    """Logs every epoch's metrics, learning rate, epoch time and images/s to one MLflow run.
 
-    def __init__(self, run_id: str, num_images: int, step_offset: int = 0):
+    `rows` collects one dict per epoch ("epoch", the metrics, "timestamp" in ms), starting
+    with the epochs of `backup`, if any. With a backup, each epoch is saved there before it
+    is logged: a kill between the two leaves an epoch that `log_missing` logs on restart,
+    never one that is logged but trained again.
+    """
+
+    def __init__(self, run_id: str, num_images: int, step_offset: int = 0, backup: "Backup | None" = None):
         super().__init__()
         self.run_id = run_id
         self.num_images = num_images
         self.step_offset = step_offset
+        self.backup = backup
+        self.rows = list(backup.rows) if backup else []
         self.client = mlflow.MlflowClient()
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -97,25 +107,167 @@ class EpochLogger(keras.callbacks.Callback):
         metrics["learning_rate"] = current_learning_rate(self.model.optimizer)
         metrics["epoch_time_s"] = seconds
         metrics["images_per_s"] = self.num_images / seconds
-        timestamp = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id,
-            metrics=[
-                mlflow.entities.Metric(key, value, timestamp, epoch + self.step_offset)
-                for key, value in metrics.items()
-                if math.isfinite(value)
-            ],
-        )
+        row = {"epoch": epoch + self.step_offset, **metrics, "timestamp": int(time.time() * 1000)}
+        self.rows.append(row)
+        if self.backup:
+            self.backup.save(self.model, self.rows)
+        self.log([row])
         log.info(
             "epoch %d: %s",
             epoch + 1,
             ", ".join(f"{key} {value:.4g}" for key, value in metrics.items() if key != "images_per_s"),
         )
 
+    def log(self, rows: list[dict]) -> None:
+        self.client.log_batch(
+            self.run_id,
+            metrics=[
+                mlflow.entities.Metric(key, value, row["timestamp"], row["epoch"])
+                for row in rows
+                for key, value in row.items()
+                if key not in ("epoch", "timestamp") and math.isfinite(value)
+            ],
+        )
+
+    def log_missing(self) -> int:
+        """Log the rows whose epoch the run has no val_accuracy for; returns how many."""
+        logged = {metric.step for metric in self.client.get_metric_history(self.run_id, "val_accuracy")}
+        missing = [row for row in self.rows if row["epoch"] not in logged]
+        if missing:
+            self.log(missing)
+        return len(missing)
+
+
+class Backup(keras.callbacks.Callback):
+    """The training state after every epoch, in `folder`, so that a killed run continues.
+
+    `EpochLogger` calls `save` at the end of each epoch: the weights with the optimizer's
+    state (its step counter drives the learning-rate schedule), the early stopper's state
+    with its best weights, and every epoch's metrics. `state.json` names the files of the
+    last complete save and is replaced atomically after them, so a kill at any moment
+    leaves the previous epoch's state intact. Placed after the early stopper in the
+    callback list, it restores everything at the start of `fit` (Keras' own
+    BackupAndRestore overwrites its files in place and forgets the early stopper's state).
+    Pass `initial_epoch()` to `fit`. Not for tf.distribute strategies.
+    """
+
+    STATE = "state.json"
+    VERSION = 1
+
+    def __init__(self, folder: Path, stopper: keras.callbacks.EarlyStopping | None = None, run_id: str = ""):
+        super().__init__()
+        self.folder = Path(folder)
+        self.stopper = stopper
+        self.run_id = run_id
+        self.state = self.read(self.folder)
+        if self.folder.is_dir():
+            self._remove_unreferenced()  # what a killed save left half-written
+
+    @classmethod
+    def read(cls, folder: Path) -> dict | None:
+        """The last saved state in `folder`, or None when there is none or it is unusable."""
+        try:
+            state = json.loads((Path(folder) / cls.STATE).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            log.warning("ignoring the unreadable backup in %s (%s); training starts over", folder, error)
+            return None
+        if state.get("version") != cls.VERSION or not (Path(folder) / state["weights"]).is_file():
+            log.warning("ignoring the incomplete backup in %s; training starts over", folder)
+            return None
+        return state
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.state["rows"] if self.state else []
+
+    def initial_epoch(self, epochs: int) -> int:
+        """The epoch to start from: the first one not yet done, or `epochs` when it stopped early."""
+        if not self.state:
+            return 0
+        return epochs if self.state["stopped"] else min(self.state["epoch"], epochs)
+
+    def on_train_begin(self, logs=None):
+        if not self.state:
+            return
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(self.folder / self.state["weights"])
+        if self.stopper is not None and self.state["stopper"]:
+            stopper = self.state["stopper"]
+            for name in ("wait", "stopped_epoch", "best", "best_epoch"):
+                setattr(self.stopper, name, stopper[name])
+            if stopper["best_weights"]:
+                with np.load(self.folder / stopper["best_weights"]) as saved:
+                    self.stopper.best_weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        log.info("continuing from the backup in %s after epoch %d", self.folder, self.state["epoch"])
+
+    def save(self, model: keras.Model, rows: list[dict]) -> None:
+        """Save the state after the epoch of rows[-1]; then drop the previous save's files."""
+        epoch = rows[-1]["epoch"] + 1
+        self.folder.mkdir(parents=True, exist_ok=True)
+        weights = f"epoch-{epoch:04d}.weights.h5"
+        with files.replacing(self.folder / weights) as temporary:
+            model.save_weights(temporary)
+        state = {
+            "version": self.VERSION,
+            "run_id": self.run_id,
+            "epoch": epoch,
+            "stopped": bool(model.stop_training),
+            "weights": weights,
+            "stopper": self._save_stopper(),
+            "rows": rows,
+        }
+        files.write_text(self.folder / self.STATE, json.dumps(state, indent=1))
+        self.state = state
+        self._remove_unreferenced()
+
+    def _save_stopper(self) -> dict | None:
+        if self.stopper is None:
+            return None
+        stopper = self.stopper
+        best_weights = None
+        if stopper.best_weights is not None:
+            best_weights = f"best-{stopper.best_epoch:04d}.npz"
+            if not (self.folder / best_weights).exists():  # unchanged since that epoch's save
+                with files.replacing(self.folder / best_weights) as temporary:
+                    np.savez(temporary, *stopper.best_weights)
+        return {
+            "wait": int(stopper.wait),
+            "stopped_epoch": int(stopper.stopped_epoch),
+            "best": None if stopper.best is None else float(stopper.best),
+            "best_epoch": int(stopper.best_epoch),
+            "best_weights": best_weights,
+        }
+
+    def _remove_unreferenced(self) -> None:
+        keep = set()
+        if self.state:
+            keep = {self.STATE, self.state["weights"], (self.state["stopper"] or {}).get("best_weights")}
+        for path in self.folder.iterdir():
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+
+    def delete(self) -> None:
+        """Remove the folder: the run has finished and its results are logged."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
 
 def current_learning_rate(optimizer) -> float:
     rate = optimizer.learning_rate
     return float(keras.ops.convert_to_numpy(rate(optimizer.iterations) if callable(rate) else rate))
+
+
+def recipe() -> list:
+    """The settings of the training step that are not parameters (for keys of searches and backups)."""
+    return [
+        config.WARMUP_EPOCHS,
+        config.WEIGHT_DECAY,
+        config.LABEL_SMOOTHING,
+        config.BN_MOMENTUM,
+        config.AUGMENTATION,
+    ]
 
 
 def early_stopping(patience: int, min_epochs: int) -> keras.callbacks.EarlyStopping:

@@ -3,6 +3,7 @@
 import contextlib
 import logging
 import os
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -84,27 +85,32 @@ def code_version() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: Mapping[str, Any]) -> Iterator[Run]:
-    """Open the MLflow run of one stage, tagged with the stage and the code version.
+def stage_run(stage: str, params: Mapping[str, Any], run_id: str | None = None) -> Iterator[Run]:
+    """Open the MLflow run of one stage, tagged with the stage, the code version and the process.
 
     Under `mlflow run` this resumes the run MLflow created for the entry point;
-    otherwise it starts a new run in the project's experiment. The run ends
-    FAILED on an error and KILLED on Ctrl-C, so no run is left RUNNING. Raises
-    PipelineError when the tracking store refuses the run (e.g. a server that
-    wants credentials, or a user without EDIT permission on the experiment).
+    otherwise it continues `run_id` when given (an unfinished run of the same stage in
+    the project's experiment), else starts a new run there. The run ends FAILED on an
+    error and KILLED on Ctrl-C. Runs that a killed process left RUNNING are marked
+    KILLED first (see `end_dead_runs`). Raises PipelineError when the tracking store
+    refuses the run (e.g. a server that wants credentials, or a user without EDIT
+    permission on the experiment).
     """
     configure()
     try:
-        if not os.environ.get("MLFLOW_RUN_ID"):
+        if os.environ.get("MLFLOW_RUN_ID"):
+            run_id = None
+        else:
             mlflow.set_experiment(config.experiment_name())
-        run = mlflow.start_run()
+        run = mlflow.start_run(run_id=run_id or None)
     except MlflowException as error:
         # A tracking server with authentication says no here: no credentials, or no permission.
         raise PipelineError(
             f"{config.tracking_uri()} did not start the {stage} run: {error.message}"
         ) from None
     try:
-        mlflow.set_tags({config.STAGE_TAG: stage, **code_version()})
+        mlflow.set_tags({config.STAGE_TAG: stage, **code_version(), config.PROCESS_TAG: process_id()})
+        end_dead_runs(run.info.experiment_id)
         log_new_params(run, params)
         yield run
     except KeyboardInterrupt:
@@ -115,6 +121,74 @@ def stage_run(stage: str, params: Mapping[str, Any]) -> Iterator[Run]:
         raise
     else:
         mlflow.end_run()
+
+
+def process_id(pid: int | None = None) -> str:
+    """host:pid:start time of a process (this one by default), unique on this machine over time.
+
+    The start time (clock ticks since boot, from /proc) tells a reused pid from the
+    original; it is 0 where /proc is missing.
+    """
+    pid = pid or os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_start_time(pid) or 0}"
+
+
+def process_alive(process: str) -> bool:
+    """Whether the process named by `process_id` still runs; True when that cannot be told
+    (another host, a malformed tag), so that nothing alive is ever declared dead."""
+    host, _, rest = process.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    now = _start_time(int(pid))
+    if now is not None:
+        return started in ("0", str(now))
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return not Path("/proc").is_dir()  # with /proc, a pid missing from it is gone
+
+
+def _start_time(pid: int) -> int | None:
+    """The start time of a running process in clock ticks, None when it is gone, a zombie,
+    or /proc cannot tell."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    if fields[0] in ("Z", "X"):  # killed, waiting for its parent to collect it
+        return None
+    return int(fields[19])
+
+
+def end_dead_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the experiment's RUNNING runs whose process (PROCESS_TAG) on this host is gone.
+
+    A SIGKILL, the OOM killer or a power cut ends a process without ending its run; this
+    is the next stage noticing. Runs of other hosts and runs without the tag are left
+    alone. Returns the ids marked.
+    """
+    client = mlflow.MlflowClient()
+    host = socket.gethostname().replace("'", "")
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{config.PROCESS_TAG}` LIKE '{host}:%'",
+        max_results=1000,
+    )
+    ended = []
+    for run in runs:
+        if not process_alive(run.data.tags[config.PROCESS_TAG]):
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+            log.warning(
+                "run %s (%s) was left RUNNING by a process that is gone: marked KILLED",
+                run.info.run_id,
+                run.data.tags.get(config.STAGE_TAG, "not a stage"),
+            )
+            ended.append(run.info.run_id)
+    return ended
 
 
 def log_new_params(run: Run, params: Mapping[str, Any]) -> None:

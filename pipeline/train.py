@@ -2,23 +2,36 @@
 
 `mlflow run . -e train` with no parameters trains with the defaults on the latest
 onehot run (running ingest and onehot first when there is none).
+
+The training state is backed up after every epoch under config.checkpoint_dir(), in a
+folder named by the data, the settings and the code version (`checkpoint_folder`).
+Running the same training again after a kill continues from the last finished epoch,
+in the same MLflow run when it is started with `python -m pipeline.train` (under
+`mlflow run`, in the run MLflow hands over; `main` hands over the unfinished one).
+The folder is removed once the run has finished.
 """
 
+import hashlib
 import io
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from pipeline import cli, config, tracking
+from pipeline import cli, config, files, tracking
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline.train")
+
+BACKUP_KEY_VERSION = 1  # bump when a change to training makes old backups unusable
 
 
 def run(
@@ -33,14 +46,23 @@ def run(
     augment: bool = config.AUGMENT,
     seed: int = config.SEED,
     precision: str = config.PRECISION,
+    backup_dir: Path | None = None,
 ):
     """Train a fresh ResNet50 on `arrays` (from data.load), logging each epoch to `run_id`.
 
     Stops early on validation accuracy (never before `min_epochs`) with the best
     weights restored. Writes the history and learning curves to `out_dir`;
-    returns the model and the history table, whose `kept` column marks the epoch
-    whose weights the model has.
+    returns the model and the history table (one row per epoch, every epoch since the
+    first), whose `kept` column marks the epoch whose weights the model has.
+
+    With `backup_dir`, the training state is saved there after every epoch, and a
+    backup found there is continued: its epochs are not trained again, early stopping
+    decides as if uninterrupted, and epochs the run lacks are logged to `run_id` from
+    the backup. The folder stays until the caller removes it. Raises PipelineError when
+    another process trains from the same folder.
     """
+    import contextlib
+
     import keras
 
     from pipeline import data, fitting
@@ -51,20 +73,36 @@ def run(
     x_train, y_train = arrays["x_train"], arrays["y_train"]
     model = fitting.new_model(x_train.shape[1], y_train.shape[1])
     fitting.compile_model(model, learning_rate, fitting.steps(len(x_train), batch_size), epochs)
-    log.info(
-        "training %d images for up to %d epochs (%s, batch %d)", len(x_train), epochs, policy, batch_size
-    )
     stopper = fitting.early_stopping(patience, min_epochs)
-    history = model.fit(
-        data.dataset(x_train, y_train, batch_size, training=True, augment=augment, seed=seed),
-        validation_data=data.dataset(arrays["x_val"], arrays["y_val"], max(batch_size, 128)),
-        epochs=epochs,
-        callbacks=[fitting.EpochLogger(run_id, len(x_train)), stopper],
-        shuffle=False,  # the dataset shuffles itself
-        verbose=0,
-    )
-    table = pd.DataFrame(history.history).rename_axis("epoch").reset_index()
-    kept = stopper.best_epoch if stopper.best_weights is not None else len(table) - 1
+    with contextlib.ExitStack() as stack:
+        backup = None
+        if backup_dir is not None:
+            stack.enter_context(files.locked(Path(f"{backup_dir}.lock"), f"the training backup {backup_dir}"))
+            backup = fitting.Backup(backup_dir, stopper, run_id)
+        logger = fitting.EpochLogger(run_id, len(x_train), backup=backup)
+        initial_epoch = backup.initial_epoch(epochs) if backup else 0
+        if initial_epoch:
+            log.info(
+                "%d epochs done before; %d logged now from the backup", initial_epoch, logger.log_missing()
+            )
+        log.info(
+            "training %d images for up to %d epochs (%s, batch %d)", len(x_train), epochs, policy, batch_size
+        )
+        model.fit(
+            data.dataset(x_train, y_train, batch_size, training=True, augment=augment, seed=seed),
+            validation_data=data.dataset(arrays["x_val"], arrays["y_val"], max(batch_size, 128)),
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            callbacks=[
+                stopper,
+                logger,
+                *([backup] if backup else []),
+            ],  # the backup saves the stopper's state
+            shuffle=False,  # the dataset shuffles itself
+            verbose=0,
+        )
+    table = pd.DataFrame(logger.rows).drop(columns="timestamp")
+    kept = stopper.best_epoch if stopper.best_weights is not None else int(table["epoch"].iloc[-1])
     table["kept"] = table["epoch"] == kept
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / config.HISTORY_FILE, index=False)
@@ -118,21 +156,83 @@ def tuned_hyperparameters(tune_run_id: str) -> dict:
         ) from None
 
 
-def upstream_onehot(onehot_run_id: str):
-    """The onehot run to train on; with none given and none finished, run ingest and onehot first."""
+def finished_onehot(onehot_run_id: str) -> Run | None:
+    """The onehot run to train on: the one named, else the latest; None when there is none yet."""
     if onehot_run_id:
         return tracking.find_run("onehot", onehot_run_id)
     try:
         return tracking.find_run("onehot", "")
     except PipelineError:
-        from pipeline.steps import step
+        return None
 
-        log.info("no finished onehot run yet: running ingest and onehot first")
-        try:
-            ingest_run = tracking.find_run("ingest", "").info.run_id
-        except PipelineError:
-            ingest_run = step("ingest", {}, "local")
-        return tracking.find_run("onehot", step("onehot", {"ingest_run_id": ingest_run}, "local"))
+
+def run_ingest_and_onehot() -> Run:
+    """Run ingest (unless one finished) and onehot as child runs of the active run."""
+    from pipeline.steps import step
+
+    log.info("no finished onehot run yet: running ingest and onehot first")
+    try:
+        ingest_run = tracking.find_run("ingest", "").info.run_id
+    except PipelineError:
+        ingest_run = step("ingest", {}, "local")
+    return tracking.find_run("onehot", step("onehot", {"ingest_run_id": ingest_run}, "local"))
+
+
+def checkpoint_folder(onehot_run_id: str, options: dict) -> Path:
+    """Where a training's backup lives: one folder per data, training options and code version.
+
+    `options` are run's keyword arguments (learning_rate, batch_size, epochs, ...).
+    The training recipe from config is part of the name, so a changed default never
+    continues an incompatible backup.
+    """
+    from pipeline import fitting
+
+    key = {
+        "version": BACKUP_KEY_VERSION,
+        "onehot_run_id": onehot_run_id,
+        "commit": tracking.code_version()[config.COMMIT_TAG],
+        "options": options,
+        "recipe": fitting.recipe(),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return config.checkpoint_dir() / f"train-{digest[:12]}"
+
+
+def unfinished_run(backup_dir: Path) -> str | None:
+    """The run whose training the backup in `backup_dir` holds, when it is one to continue.
+
+    That is a train run of the current experiment that did not finish (killed, failed,
+    or left RUNNING by a process that is gone). A backup of a run that did finish is
+    stale (killed after the end) and is removed. Raises PipelineError when the run's
+    process is still training.
+    """
+    from pipeline import fitting
+
+    state = fitting.Backup.read(backup_dir)
+    if not state or not state.get("run_id"):
+        return None
+    try:
+        run = mlflow.get_run(state["run_id"])
+    except MlflowException:
+        return None
+    if run.info.status == "FINISHED":
+        shutil.rmtree(backup_dir, ignore_errors=True)
+        return None
+    experiment = mlflow.get_experiment_by_name(config.experiment_name())
+    if (
+        run.data.tags.get(config.STAGE_TAG) != "train"
+        or run.info.lifecycle_stage != "active"
+        or experiment is None
+        or run.info.experiment_id != experiment.experiment_id
+    ):
+        return None
+    process = run.data.tags.get(config.PROCESS_TAG, "")
+    if run.info.status == "RUNNING" and process and tracking.process_alive(process):
+        raise PipelineError(
+            f"train run {run.info.run_id} with these options is still running (process {process}); "
+            "wait for it to end or stop it"
+        )
+    return run.info.run_id
 
 
 def example_png(pixels: np.ndarray) -> bytes:
@@ -173,21 +273,32 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_params(args.learning_rate, args.batch_size, args.epochs, args.patience, args.min_epochs)
     tracking.check_upstream(onehot_run_id=args.onehot_run_id, tune_run_id=args.tune_run_id)
-    with tracking.stage_run("train", vars(args)) as active, tempfile.TemporaryDirectory() as tmp:
-        hyper = {"learning_rate": args.learning_rate, "batch_size": args.batch_size}
+    tracking.configure()
+    hyper = {"learning_rate": args.learning_rate, "batch_size": args.batch_size}
+    if args.tune_run_id:
+        hyper = tuned_hyperparameters(args.tune_run_id)
+        log.info("using the search's best hyperparameters %s", hyper)
+    options = {k: v for k, v in vars(args).items() if k not in ("onehot_run_id", "tune_run_id", "model_name")}
+    options.update(hyper)
+    onehot_run = finished_onehot(args.onehot_run_id)
+    backup_dir = checkpoint_folder(onehot_run.info.run_id, options) if onehot_run else None
+    resume = unfinished_run(backup_dir) if backup_dir else None
+    if resume:
+        log.info("continuing the unfinished train run %s from its backup in %s", resume, backup_dir)
+    with (
+        tracking.stage_run("train", vars(args), run_id=resume) as active,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         if args.tune_run_id:
-            hyper = tuned_hyperparameters(args.tune_run_id)
-            mlflow.log_params({f"tuned_{key}": value for key, value in hyper.items()})
-            log.info("using the search's best hyperparameters %s", hyper)
-        onehot_run = upstream_onehot(args.onehot_run_id)
+            tracking.log_new_params(active, {f"tuned_{key}": value for key, value in hyper.items()})
+        if onehot_run is None:
+            onehot_run = run_ingest_and_onehot()
+            backup_dir = checkpoint_folder(onehot_run.info.run_id, options)
         from pipeline import data, serving
 
         arrays = data.load(onehot_run)
         out_dir = Path(tmp) / config.TRAIN_ARTIFACT
-        options = {
-            k: v for k, v in vars(args).items() if k not in ("onehot_run_id", "tune_run_id", "model_name")
-        }
-        model, history = run(arrays, out_dir, active.info.run_id, **{**options, **hyper})
+        model, history = run(arrays, out_dir, active.info.run_id, backup_dir=backup_dir, **options)
         best = int(history.index[history["kept"]][0])
         mlflow.log_metrics(
             {
@@ -213,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
             args.model_name,
             info.registered_model_version,
         )
+    # Only now: a kill before the run ended FINISHED must find the backup.
+    shutil.rmtree(backup_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,17 @@ decide the number of trials, e.g. 10 trials and 49 epochs in all for 8 epochs, 1
 for 1 epoch. Hyperband continues a promoted trial from its predecessor's best weights;
 the optimizer and its learning-rate schedule start afresh, as Keras Tuner restores
 weights only.
+
+Each trial trains in a child process (pipeline.trial), so the search's own memory
+stays flat. A search killed at any point (SIGKILL, Ctrl-C, a power cut) continues
+when run again with the same parameters: finished trials are kept, the interrupted
+one runs again, and the MLflow runs it left open are ended (see `MlflowTrials`).
 """
 
-import gc
 import hashlib
 import json
 import logging
+import os
 import resource
 import tempfile
 from pathlib import Path
@@ -27,15 +32,20 @@ import keras_tuner
 import mlflow
 import numpy as np
 import pandas as pd
+from keras_tuner.src import utils as keras_tuner_utils
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 
-from pipeline import cli, config, data, fitting, tracking
+from pipeline import cli, config, data, files, fitting, tracking
+from pipeline import trial as trial_process
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline.tune")
 
 PROJECT_TAG = "pipeline.tuner_project"
 TRIAL_ID_TAG = "pipeline.trial_id"
+TRIAL_PID_TAG = "pipeline.trial_pid"
+ARRAYS_FILE = "arrays.npz"
 TRIAL_STAGE = "tune-trial"
 OBJECTIVE = "val_accuracy"
 KEY_VERSION = 1  # bump when a change to the training step makes old trials incomparable
@@ -96,24 +106,91 @@ class ResNetHyperModel(keras_tuner.HyperModel):
 
 
 class MlflowTrials:
-    """Mixed into a Keras Tuner class: each trial is a nested MLflow run of the active run.
+    """Mixed into a Keras Tuner class: each trial is a nested MLflow run of the active run,
+    trained in a child process (pipeline.trial).
 
-    The trial's run ids are kept in the tuner's own state, so a resumed search still
-    knows the runs of the trials it does not run again. Keras Tuner saves each trial's
-    best weights with optimizer state (~280 MB for ResNet50); only Hyperband reads them
-    again (to continue a promoted trial), so the other tuners delete them.
+    This process keeps Keras Tuner's bookkeeping and never builds a model: each trial's
+    child loads the search's arrays (ARRAYS_FILE in the project folder), logs its epochs
+    to the trial's run and hands back its history. Keras Tuner saves a trial's best
+    weights only for Hyperband, which continues promoted trials from them.
+
+    The trials' run ids are kept in the tuner's own state, saved as each trial starts,
+    so a resumed search knows them all. The trial's run ends after Keras Tuner has
+    recorded the trial: a kill in between leaves a completed trial whose run a resumed
+    search ends FINISHED; a trial that was running is run again and its old run ends KILLED.
     """
 
     keep_checkpoints = False
 
     def __init__(self, *args, **kwargs):
         self.trial_runs: dict[str, str] = {}
+        self._open_run: str | None = None
         super().__init__(*args, **kwargs)
 
+    def _populate_initial_space(self):
+        # Keras Tuner builds the model once here to discover conditional hyperparameters.
+        # There are none, and a model built here would cost this process ~0.5 GiB for good.
+        hp = self.oracle.get_space()
+        self.hypermodel.declare_hyperparameters(hp)
+        self.oracle.update_space(hp)
+
+    def reload(self):
+        super().reload()
+        recover_interrupted_trials(self.oracle)
+
+    def on_search_begin(self):
+        super().on_search_begin()
+        self._end_orphaned_runs()
+        arrays = {key: self.hypermodel.arrays[key] for key in ("x_train", "y_train", "x_val", "y_val")}
+        with files.replacing(self._arrays_path()) as temporary:
+            np.savez(temporary, **arrays)
+
+    def on_search_end(self):
+        self._arrays_path().unlink(missing_ok=True)
+        super().on_search_end()
+
     def run_trial(self, trial, *args, **kwargs):
-        keras.backend.clear_session()
-        gc.collect()
         values = trial.hyperparameters.values
+        run = self._start_run(trial)
+        log.info("trial %s: %s", trial.trial_id, ", ".join(f"{k}={v}" for k, v in values.items()))
+        try:
+            mlflow.log_params(values)
+            spec = self._spec(trial, run.info.run_id, kwargs)
+            result = trial_process.run(spec, Path(self.get_trial_dir(trial.trial_id)))
+            history = keras.callbacks.History()
+            history.history = result["history"]
+            best, memory = max(history.history[OBJECTIVE]), rss_mib()
+            mlflow.set_tag(TRIAL_PID_TAG, str(result["pid"]))
+            mlflow.log_metrics(
+                {
+                    f"best_{OBJECTIVE}": best,
+                    "rss_mib": memory,
+                    "trial_peak_rss_mib": result["peak_rss_mib"],
+                    "steps_per_epoch": result["steps"],
+                }
+            )
+        except KeyboardInterrupt:
+            self._end_run(RunStatus.KILLED)
+            raise
+        except BaseException:
+            mlflow.log_metric("rss_mib", rss_mib())
+            self._end_run(RunStatus.FAILED)
+            raise
+        log.info(
+            "trial %s: best %s %.4f; %.0f MiB resident here, %.0f MiB at most in its process",
+            trial.trial_id,
+            OBJECTIVE,
+            best,
+            memory,
+            result["peak_rss_mib"],
+        )
+        return [history]
+
+    def on_trial_end(self, trial):
+        super().on_trial_end(trial)  # Keras Tuner records the trial first
+        self._end_run(RunStatus.FINISHED if trial.status == "COMPLETED" else RunStatus.FAILED)
+
+    def _start_run(self, trial):
         parent = mlflow.active_run()
         run = mlflow.start_run(
             nested=True,
@@ -123,31 +200,64 @@ class MlflowTrials:
                 config.STAGE_TAG: TRIAL_STAGE,
                 TRIAL_ID_TAG: trial.trial_id,
                 PROJECT_TAG: self.project_name,
+                config.PROCESS_TAG: tracking.process_id(),
             },
         )
-        self.trial_runs[trial.trial_id] = run.info.run_id
-        log.info("trial %s: %s", trial.trial_id, ", ".join(f"{k}={v}" for k, v in values.items()))
-        try:
-            mlflow.log_params(values)
-            logger = fitting.EpochLogger(run.info.run_id, len(self.hypermodel.arrays["x_train"]))
-            kwargs["callbacks"] = [*kwargs.get("callbacks", []), logger]
-            histories = super().run_trial(trial, *args, **kwargs)
-            best, memory = max(max(h.history[OBJECTIVE]) for h in histories), rss_mib()
-            mlflow.log_metrics({f"best_{OBJECTIVE}": best, "rss_mib": memory})
-        except KeyboardInterrupt:
-            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
-            raise
-        except BaseException:
-            mlflow.log_metric("rss_mib", rss_mib())
-            mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
-            raise
-        finally:
-            if not self.keep_checkpoints:
-                for path in Path(self.get_trial_dir(trial.trial_id)).glob("checkpoint*"):
-                    path.unlink()
-        log.info("trial %s: best %s %.4f, %.0f MiB resident", trial.trial_id, OBJECTIVE, best, memory)
-        mlflow.end_run()
-        return histories
+        self.trial_runs[trial.trial_id] = self._open_run = run.info.run_id
+        self.save()  # so that a resumed search knows this run, whatever happens next
+        return run
+
+    def _end_run(self, status: int) -> None:
+        if self._open_run is not None:
+            mlflow.end_run(RunStatus.to_string(status))
+            self._open_run = None
+
+    def _spec(self, trial, run_id: str, fit_kwargs: dict) -> dict:
+        """What pipeline.trial needs to train this trial (see trial.run)."""
+        values, hypermodel = trial.hyperparameters.values, self.hypermodel
+        epochs, initial_epoch, load_weights = fit_kwargs.get("epochs", hypermodel.epochs), 0, None
+        if "tuner/epochs" in values:  # Hyperband: a promoted trial continues its predecessor
+            epochs, initial_epoch = values["tuner/epochs"], values["tuner/initial_epoch"]
+            if "tuner/trial_id" in values:
+                load_weights = self._get_checkpoint_fname(values["tuner/trial_id"])
+        return {
+            "arrays": str(self._arrays_path()),
+            "hyperparameters": values,
+            "schedule_epochs": hypermodel.epochs,
+            "epochs": epochs,
+            "initial_epoch": initial_epoch,
+            "augment": hypermodel.augment,
+            "seed": hypermodel.seed,
+            "precision": hypermodel.precision,
+            "run_id": run_id,
+            "load_weights": load_weights,
+            "checkpoint": self._get_checkpoint_fname(trial.trial_id) if self.keep_checkpoints else None,
+        }
+
+    def _arrays_path(self) -> Path:
+        return Path(self.project_dir) / ARRAYS_FILE
+
+    def _end_orphaned_runs(self) -> None:
+        """End the runs a killed search left open: FINISHED for a trial Keras Tuner recorded
+        as completed, KILLED for one it will run again."""
+        client = mlflow.MlflowClient()
+        parent = mlflow.active_run()
+        if parent:
+            tracking.end_dead_runs(parent.info.experiment_id)
+        for trial_id, run_id in self.trial_runs.items():
+            try:
+                status = client.get_run(run_id).info.status
+            except MlflowException:
+                continue
+            trial = self.oracle.trials.get(trial_id)
+            if trial is not None and trial.status == "COMPLETED" and status != "FINISHED":
+                client.set_terminated(run_id, "FINISHED")
+                log.info(
+                    "trial %s had completed before the search was killed: run %s FINISHED", trial_id, run_id
+                )
+            elif (trial is None or trial.status != "COMPLETED") and status == "RUNNING":
+                client.set_terminated(run_id, "KILLED")
+                log.info("trial %s was interrupted: run %s KILLED; the trial runs again", trial_id, run_id)
 
     def get_state(self):
         return {**super().get_state(), "mlflow_runs": self.trial_runs}
@@ -155,6 +265,43 @@ class MlflowTrials:
     def set_state(self, state):
         super().set_state(state)
         self.trial_runs = dict(state.get("mlflow_runs", {}))
+
+
+def recover_interrupted_trials(oracle: keras_tuner.Oracle) -> None:
+    """Make a reloaded oracle's state whole after a kill at any moment.
+
+    Keras Tuner writes a trial's trial.json and then oracle.json; a kill between the two
+    leaves them disagreeing. A trial that trial.json says is running but oracle.json does
+    not know, is queued to run again (Keras Tuner itself re-queues the trials oracle.json
+    lists as ongoing). A trial that trial.json says completed, but that oracle.json still
+    had running, is kept and not run again. A trial run again starts with no metrics.
+    """
+    running, completed = "RUNNING", "COMPLETED"
+    queue = oracle._retry_queue
+    for trial_id, found in oracle.trials.items():
+        if found.status == running and trial_id not in queue:
+            queue.append(trial_id)
+            if trial_id not in oracle.start_order:
+                oracle.start_order.append(trial_id)
+            oracle._record_values(found)
+        elif found.status == completed and trial_id in queue:
+            queue.remove(trial_id)
+            if trial_id not in oracle.end_order:
+                oracle.end_order.append(trial_id)
+    for trial_id in queue:
+        oracle.trials[trial_id].metrics = type(oracle.trials[trial_id].metrics)()
+
+
+def _save_json_atomically(path, obj):
+    """Keras Tuner's utils.save_json, but a kill mid-write leaves the previous file intact."""
+    text = json.dumps(obj)
+    files.write_text(Path(path), text)
+    return text
+
+
+# Keras Tuner rewrites oracle.json, tuner0.json and trial.json in place (open "w", then write);
+# a kill in between would leave an empty file and a search that cannot be resumed.
+keras_tuner_utils.save_json = _save_json_atomically
 
 
 class BayesianTuner(MlflowTrials, keras_tuner.BayesianOptimization):
@@ -230,13 +377,7 @@ def project_name(
         "learning_rate_range": list(config.LEARNING_RATE_RANGE),
         "batch_sizes": list(config.BATCH_SIZES),
         "bayesian_initial_points": config.BAYESIAN_INITIAL_POINTS,
-        "recipe": [
-            config.WARMUP_EPOCHS,
-            config.WEIGHT_DECAY,
-            config.LABEL_SMOOTHING,
-            config.BN_MOMENTUM,
-            config.AUGMENTATION,
-        ],
+        "recipe": fitting.recipe(),
     }
     return f"{oracle}-{hashlib.sha256(json.dumps(search, sort_keys=True).encode()).hexdigest()[:12]}"
 
@@ -380,28 +521,39 @@ def run(
     keras.utils.set_random_seed(seed)
     hypermodel = ResNetHyperModel(arrays, epochs_per_trial, augment, seed, precision)
     project = project_name(arrays, oracle, epochs_per_trial, seed, augment, precision, project_key)
+    if mlflow.active_run():
+        mlflow.set_tag(PROJECT_TAG, project)
     resuming = resume and (config.tuner_dir() / project).exists()
-    try:
-        tuner = make_tuner(
-            oracle, hypermodel, max_trials, epochs_per_trial, seed, config.tuner_dir(), project, not resume
+    tuner_id = os.environ.get("KERASTUNER_TUNER_ID", "tuner0")
+    with files.locked(config.tuner_dir() / f"{project}.{tuner_id}.lock", f"the search {project}"):
+        try:
+            tuner = make_tuner(
+                oracle,
+                hypermodel,
+                max_trials,
+                epochs_per_trial,
+                seed,
+                config.tuner_dir(),
+                project,
+                not resume,
+            )
+        except (RuntimeError, ValueError) as error:  # a foreign or damaged oracle.json / tuner0.json
+            if not resuming:
+                raise
+            raise PipelineError(
+                f"cannot resume the search in {config.tuner_dir() / project} ({error}); "
+                "run with resume=false to start it over"
+            ) from None
+        known = sum(trial.status == "COMPLETED" for trial in tuner.oracle.trials.values())
+        log.info(
+            "%s search in %s: %d trials completed so far, %s",
+            oracle,
+            tuner.project_dir,
+            known,
+            "hyperband brackets decide the rest" if oracle == "hyperband" else f"up to {max_trials}",
         )
-    except (RuntimeError, ValueError) as error:  # a truncated or foreign oracle.json / tuner0.json
-        if not resuming:
-            raise
-        raise PipelineError(
-            f"cannot resume the search in {config.tuner_dir() / project} ({error}); "
-            "run with resume=false to start it over"
-        ) from None
-    known = len(tuner.oracle.trials)
-    log.info(
-        "%s search in %s: %d trials so far, %s",
-        oracle,
-        tuner.project_dir,
-        known,
-        "hyperband brackets decide the rest" if oracle == "hyperband" else f"up to {max_trials}",
-    )
-    # Search
-    search(tuner, epochs_per_trial)
+        # Search
+        search(tuner, epochs_per_trial)
     # Summarise
     trials = trials_table(tuner, epochs_per_trial)
     best = best_row(trials)
@@ -414,7 +566,7 @@ def run(
         "best_params": best_params,
         f"best_{OBJECTIVE}": float(best[OBJECTIVE]),
         "trials": trials,
-        "new_trials": len(tuner.oracle.trials) - known,
+        "new_trials": sum(trial.status == "COMPLETED" for trial in tuner.oracle.trials.values()) - known,
         "project_dir": Path(tuner.project_dir),
     }
 

@@ -80,3 +80,91 @@ def test_epoch_logger_logs_every_epoch_to_the_run(mlflow_store):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [0, 1, 2], key
     assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, "images_per_s"))
+
+
+# Backup: a fit that is interrupted and continued ends as if it never was
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Stands in for a kill between two epochs (after the backup of the previous one)."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def backed_up_fit(run_id, folder, epochs=30, interrupt_at=None):
+    keras.utils.set_random_seed(0)
+    model = fitting.compile_model(tiny_model(), learning_rate=3e-2, steps_per_epoch=2, epochs=epochs)
+    stopper = fitting.early_stopping(patience=2, min_epochs=0)
+    backup = fitting.Backup(folder, stopper, run_id)
+    logger = fitting.EpochLogger(run_id, 16, backup=backup)
+    callbacks = [stopper, logger, backup, *([Interrupt(interrupt_at)] if interrupt_at is not None else [])]
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (16, 8, 8, 3)).astype("float32")
+    y = np.eye(10, dtype="float32")[rng.integers(0, 10, 16)]
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=epochs,
+        initial_epoch=backup.initial_epoch(epochs),
+        validation_data=(x[::-1], y),
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+    )
+    return model, logger.rows, stopper
+
+
+def test_a_continued_fit_stops_at_the_same_epoch_with_the_same_weights(mlflow_store, tmp_path):
+    with mlflow.start_run() as whole:
+        model, rows, stopper = backed_up_fit(whole.info.run_id, tmp_path / "whole")
+    stopped = stopper.stopped_epoch
+    assert 2 <= stopped < 29, "the reference run should stop early, after some waiting"
+    # Killed just before its last epoch: only the restored wait counter can stop it there.
+    with mlflow.start_run() as run:
+        with pytest.raises(KeyboardInterrupt):
+            backed_up_fit(run.info.run_id, tmp_path / "split", interrupt_at=stopped)
+        assert fitting.Backup.read(tmp_path / "split")["epoch"] == stopped
+        again, again_rows, again_stopper = backed_up_fit(run.info.run_id, tmp_path / "split")
+    assert [row["epoch"] for row in again_rows] == list(range(stopped + 1))
+    assert [row["val_accuracy"] for row in again_rows] == [row["val_accuracy"] for row in rows]
+    assert again_stopper.best_epoch == stopper.best_epoch
+    assert all(np.array_equal(a, b) for a, b in zip(again.get_weights(), model.get_weights()))
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")]
+    assert steps == list(range(stopped + 1))  # each epoch logged once
+    assert {path.name for path in (tmp_path / "split").iterdir()} == {
+        "state.json",
+        f"epoch-{stopped + 1:04d}.weights.h5",
+        f"best-{stopper.best_epoch:04d}.npz",
+    }
+
+
+def test_a_finished_backup_trains_nothing_and_logs_what_the_run_lacks(mlflow_store, tmp_path):
+    with mlflow.start_run() as first:
+        model, rows, _ = backed_up_fit(first.info.run_id, tmp_path / "backup")
+    with mlflow.start_run() as second:  # e.g. killed after the last epoch, continued in a new run
+        again, again_rows, _ = backed_up_fit(second.info.run_id, tmp_path / "backup")
+        logger = fitting.EpochLogger(second.info.run_id, 16, backup=fitting.Backup(tmp_path / "backup"))
+        assert logger.log_missing() == len(rows)
+        assert logger.log_missing() == 0
+    assert again_rows == rows
+    assert all(np.array_equal(a, b) for a, b in zip(again.get_weights(), model.get_weights()))
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(second.info.run_id, "loss")]
+    assert steps == [row["epoch"] for row in rows]
+
+
+def test_a_damaged_backup_is_ignored_and_cleared(tmp_path, caplog):
+    folder = tmp_path / "backup"
+    folder.mkdir()
+    (folder / "state.json").write_text('{"version": 1, "epo')
+    (folder / ".tmp-1-epoch-0003.weights.h5").write_bytes(b"half")
+    backup = fitting.Backup(folder)
+    assert backup.state is None and backup.initial_epoch(10) == 0
+    assert "unreadable backup" in caplog.text
+    assert list(folder.iterdir()) == []

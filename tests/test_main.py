@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT
 
-from pipeline import config, steps
+from pipeline import config, steps, tracking
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -141,3 +141,37 @@ def test_reuse_needs_same_typed_params_and_the_same_clean_commit(mlflow_store):
     assert steps.find_reusable("onehot", same, experiment, other_commit) is None
     dirty = {**clean, config.DIRTY_TAG: "true"}
     assert steps.find_reusable("onehot", same, experiment, dirty) is None
+
+
+def test_params_logged_shell_quoted_by_mlflow_run_compare_equal():
+    # `mlflow run` logs "-P sha256=" as "''" and a path with a space as "'/a b.zip'".
+    stored = {"source": "'/data/a b.zip'", "sha256": "''", "image_size": "32", "num_images": "40"}
+    given = {"source": "/data/a b.zip", "sha256": "", "image_size": 32}
+    assert steps.typed("ingest", stored) == steps.typed("ingest", given) is not None
+
+
+def test_an_unfinished_tune_or_train_run_is_found_to_continue(mlflow_store):
+    experiment = mlflow.set_experiment("tests").experiment_id
+    version = {config.COMMIT_TAG: "a" * 40, config.DIRTY_TAG: "true"}  # dirty is fine here
+    client = mlflow.MlflowClient()
+    params = {"onehot_run_id": "abc", "epochs": "4"}
+    runs = {}
+    for name, status, process in [
+        ("killed", "KILLED", None),
+        ("alive", "RUNNING", tracking.process_id()),
+        ("finished", "FINISHED", None),
+    ]:
+        run = client.create_run(experiment, tags={config.STAGE_TAG: "train", **version})
+        for key, value in {**params, "tuned_batch_size": "16"}.items():  # tuned_*: logged by train itself
+            client.log_param(run.info.run_id, key, value)
+        if process:
+            client.set_tag(run.info.run_id, config.PROCESS_TAG, process)
+        else:
+            client.set_terminated(run.info.run_id, status)
+        runs[name] = run.info.run_id
+    # The latest unfinished one whose process is gone; never one whose process still runs.
+    found = steps.find_unfinished("train", {"onehot_run_id": "abc", "epochs": 4.0}, experiment, version)
+    assert found.info.run_id == runs["killed"]
+    assert steps.find_unfinished("train", {**params, "epochs": 5}, experiment, version) is None
+    other = {**version, config.COMMIT_TAG: "b" * 40}
+    assert steps.find_unfinished("train", params, experiment, other) is None

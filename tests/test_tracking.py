@@ -1,5 +1,7 @@
 """Stage runs: tags, statuses, params, and upstream look-ups on a real SQLite store."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -107,3 +109,46 @@ def test_a_new_store_is_created_under_a_lock_next_to_it(tmp_path, monkeypatch):
     assert (tmp_path / "new" / "mlflow.db").is_file()
     assert (tmp_path / "new" / "mlflow.db-init.lock").is_file()  # .gitignore's mlflow.db-* covers it
     assert mlflow.search_experiments()  # the tables exist: MLflow's Default experiment
+
+
+def test_runs_left_running_by_a_process_that_is_gone_are_marked_killed(mlflow_store):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    gone = tracking.process_id(child.pid)
+    child.kill()
+    child.wait()
+    host, pid, started = tracking.process_id().split(":")
+    processes = {
+        "gone": gone,
+        "pid_reused": f"{host}:{pid}:{int(started) + 1}",  # our pid, but another process's start
+        "alive": tracking.process_id(),
+        "elsewhere": "another-host:1:1",
+        "untagged": None,
+    }
+    experiment = mlflow.set_experiment("tests").experiment_id
+    client = mlflow.MlflowClient()
+    runs = {}
+    for name, process in processes.items():
+        runs[name] = client.create_run(experiment).info.run_id  # RUNNING until ended
+        if process:
+            client.set_tag(runs[name], config.PROCESS_TAG, process)
+    assert not tracking.process_alive(gone) and tracking.process_alive(tracking.process_id())
+    assert sorted(tracking.end_dead_runs(experiment)) == sorted([runs["gone"], runs["pid_reused"]])
+    status = {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
+    assert status == {
+        "gone": "KILLED",
+        "pid_reused": "KILLED",
+        "alive": "RUNNING",
+        "elsewhere": "RUNNING",
+        "untagged": "RUNNING",
+    }
+
+
+def test_stage_run_continues_a_given_run_and_tags_its_process(mlflow_store):
+    with pytest.raises(KeyboardInterrupt), tracking_run("train", {"epochs": 3}) as run:
+        first = run.info.run_id
+        raise KeyboardInterrupt
+    with tracking.stage_run("train", {"epochs": 3}, run_id=first) as run:
+        assert run.info.run_id == first
+    stored = mlflow.get_run(first)
+    assert stored.info.status == "FINISHED"
+    assert stored.data.tags[config.PROCESS_TAG] == tracking.process_id()
