@@ -14,17 +14,28 @@ def replacing(path: Path) -> Iterator[Path]:
     """A temporary path next to `path` to write to; renamed to `path` when the block succeeds.
 
     The rename is atomic within one file system, so a reader sees the old file or the new
-    one, never a part of it. The temporary name keeps the file's suffixes (Keras insists on
-    `.weights.h5`, numpy appends `.npz`) and starts with a dot. On an error or Ctrl-C the
-    temporary file is removed; after a SIGKILL it stays behind under that name, unread.
+    one, never a part of it; the file (and then its folder) is flushed to disk first, so
+    that holds after a power cut too. The temporary name keeps the file's suffixes (Keras
+    insists on `.weights.h5`, numpy appends `.npz`) and starts with a dot. On an error or
+    Ctrl-C the temporary file is removed; after a SIGKILL it stays behind, unread.
     """
     path = Path(path)
     temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
         yield temporary
+        _flush(temporary)
         os.replace(temporary, path)
+        _flush(path.parent)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _flush(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -11,6 +11,7 @@ in the same MLflow run when it is started with `python -m pipeline.train` (under
 The folder is removed once the run has finished.
 """
 
+import contextlib
 import hashlib
 import io
 import json
@@ -61,8 +62,6 @@ def run(
     the backup. The folder stays until the caller removes it. Raises PipelineError when
     another process trains from the same folder.
     """
-    import contextlib
-
     import keras
 
     from pipeline import data, fitting
@@ -74,17 +73,16 @@ def run(
     model = fitting.new_model(x_train.shape[1], y_train.shape[1])
     fitting.compile_model(model, learning_rate, fitting.steps(len(x_train), batch_size), epochs)
     stopper = fitting.early_stopping(patience, min_epochs)
-    with contextlib.ExitStack() as stack:
-        backup = None
-        if backup_dir is not None:
-            stack.enter_context(files.locked(Path(f"{backup_dir}.lock"), f"the training backup {backup_dir}"))
-            backup = fitting.Backup(backup_dir, stopper, run_id)
+    lock = contextlib.nullcontext()
+    if backup_dir:
+        lock = files.locked(Path(f"{backup_dir}.lock"), f"the training backup {backup_dir}")
+    with lock:
+        backup = fitting.Backup(backup_dir, stopper, run_id) if backup_dir else None
         logger = fitting.EpochLogger(run_id, len(x_train), backup=backup)
         initial_epoch = backup.initial_epoch(epochs) if backup else 0
         if initial_epoch:
-            log.info(
-                "%d epochs done before; %d logged now from the backup", initial_epoch, logger.log_missing()
-            )
+            logged = logger.log_missing()
+            log.info("%d epochs done before; %d of them logged now from the backup", initial_epoch, logged)
         log.info(
             "training %d images for up to %d epochs (%s, batch %d)", len(x_train), epochs, policy, batch_size
         )
@@ -93,11 +91,8 @@ def run(
             validation_data=data.dataset(arrays["x_val"], arrays["y_val"], max(batch_size, 128)),
             epochs=epochs,
             initial_epoch=initial_epoch,
-            callbacks=[
-                stopper,
-                logger,
-                *([backup] if backup else []),
-            ],  # the backup saves the stopper's state
+            # The logger has the backup save the stopper's state, so it comes after the stopper.
+            callbacks=[stopper, logger, backup] if backup else [stopper, logger],
             shuffle=False,  # the dataset shuffles itself
             verbose=0,
         )

@@ -50,6 +50,14 @@ def test_default_source_is_the_pinned_public_archive():
 
 def test_ignored_outputs_stay_out_of_git():
     ignored = (ROOT / ".gitignore").read_text().splitlines()
-    for pattern in ("mlflow.db", "/mlruns/*", "/input_dataset/*", ".venv/", "/.tracking-server/"):
+    for pattern in (
+        "mlflow.db",
+        "/mlruns/*",
+        "/input_dataset/*",
+        ".venv/",
+        "/tuner/",
+        "/checkpoints/",
+        "/.tracking-server/",
+    ):
         assert pattern in ignored
     assert (ROOT / "input_dataset" / "README.md").is_file()

@@ -86,6 +86,7 @@ def test_main_registers_a_model_that_loads_by_name(mlflow_store, tmp_path):
     run = runs[0]
     assert run.data.tags[config.MODEL_VERSION_TAG] == "1"
     assert run.data.metrics["epochs_trained"] == 1
+    assert not list((tmp_path / "checkpoints").glob("train-*/"))  # the backup goes once the run finished
     assert run.data.tags[config.INGEST_RUN_TAG]
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, config.TRAIN_ARTIFACT)}
     assert {

@@ -214,6 +214,45 @@ def test_failing_trial_processes_fail_their_runs_and_stop_the_search(mlflow_stor
     assert all(run.data.metrics["rss_mib"] > 0 for run in runs)
 
 
+def test_a_kill_between_keras_tuners_two_writes_is_repaired_on_reload(arrays, tmp_path):
+    """Keras Tuner writes trial.json, then oracle.json: a kill in between leaves them disagreeing."""
+    tuner = tune.make_tuner(
+        "random", tune.ResNetHyperModel(arrays, EPOCHS), 3, EPOCHS, 0, tmp_path, "p", True
+    )
+    oracle = tuner.oracle
+    done = oracle.create_trial("tuner0")  # trial 0 starts: both files say so
+    tuner.save()  # as MlflowTrials does when it opens the trial's run
+    oracle.update_trial(done.trial_id, {tune.OBJECTIVE: 0.5})
+    done.status = "COMPLETED"
+    oracle.score_trial(done)
+    oracle._save_trial(done)  # killed here: oracle.json still has trial 0 running
+    started = json.loads((Path(oracle._get_trial_dir("0")) / "trial.json").read_text())
+    started.update(trial_id="1", status="RUNNING", score=None, metrics={"metrics": {}})
+    started["hyperparameters"]["values"]["batch_size"] = 16
+    Path(oracle._get_trial_dir("1"), "trial.json").write_text(
+        json.dumps(started)
+    )  # killed before oracle.json
+    reloaded = tune.make_tuner(
+        "random", tune.ResNetHyperModel(arrays, EPOCHS), 3, EPOCHS, 0, tmp_path, "p", False
+    )
+    oracle = reloaded.oracle
+    assert oracle._retry_queue == ["1"] and oracle.end_order == ["0"]
+    assert oracle.trials["0"].status == "COMPLETED" and oracle.trials["0"].score == 0.5
+    again = oracle.create_trial("tuner0")
+    assert again.trial_id == "1" and not again.metrics.exists(tune.OBJECTIVE)
+
+
+def test_keras_tuner_json_is_written_atomically(tmp_path):
+    from keras_tuner.src import utils
+
+    path = tmp_path / "oracle.json"
+    utils.save_json(str(path), {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == [
+        "oracle.json"
+    ]
+    assert utils.save_json is tune._save_json_atomically
+
+
 # Integration
 
 
