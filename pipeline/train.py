@@ -20,6 +20,9 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline.train")
 
+# Options of main that are not run()'s.
+NOT_TRAINING_OPTIONS = ("onehot_run_id", "tune_run_id", "model_name", "strategy", "workers")
+
 
 def run(
     arrays: dict[str, np.ndarray],
@@ -33,13 +36,16 @@ def run(
     augment: bool = config.AUGMENT,
     seed: int = config.SEED,
     precision: str = config.PRECISION,
+    strategy=None,
 ):
     """Train a fresh ResNet50 on `arrays` (from data.load), logging each epoch to `run_id`.
 
     Stops early on validation accuracy (never before `min_epochs`) with the best
     weights restored. Writes the history and learning curves to `out_dir`;
     returns the model and the history table, whose `kept` column marks the epoch
-    whose weights the model has.
+    whose weights the model has. `strategy` (a tf.distribute strategy, default:
+    none) holds the model's variables; `batch_size` is the global batch, split
+    between its replicas. With `run_id` None nothing is logged (a non-chief worker).
     """
     import keras
 
@@ -49,8 +55,9 @@ def run(
     keras.utils.set_random_seed(seed)
     policy = fitting.set_precision(precision)
     x_train, y_train = arrays["x_train"], arrays["y_train"]
-    model = fitting.new_model(x_train.shape[1], y_train.shape[1])
-    fitting.compile_model(model, learning_rate, fitting.steps(len(x_train), batch_size), epochs)
+    with (strategy or fitting.distribution_strategy()).scope():
+        model = fitting.new_model(x_train.shape[1], y_train.shape[1])
+        fitting.compile_model(model, learning_rate, fitting.steps(len(x_train), batch_size), epochs)
     log.info(
         "training %d images for up to %d epochs (%s, batch %d)", len(x_train), epochs, policy, batch_size
     )
@@ -59,7 +66,7 @@ def run(
         data.dataset(x_train, y_train, batch_size, training=True, augment=augment, seed=seed),
         validation_data=data.dataset(arrays["x_val"], arrays["y_val"], max(batch_size, 128)),
         epochs=epochs,
-        callbacks=[fitting.EpochLogger(run_id, len(x_train)), stopper],
+        callbacks=[fitting.EpochLogger(run_id, len(x_train)), stopper] if run_id else [stopper],
         shuffle=False,  # the dataset shuffles itself
         verbose=0,
     )
@@ -163,13 +170,62 @@ def parse_args(argv: list[str] | None):
     )
     add_options(parser)
     parser.add_argument("--seed", type=cli.non_negative_int, default=config.SEED)
+    parser.add_argument(
+        "--strategy",
+        choices=config.STRATEGIES,
+        default=config.STRATEGY,
+        help="multiworker: tf.distribute.MultiWorkerMirroredStrategy over the workers that TF_CONFIG "
+        "names, or, without TF_CONFIG, over --workers processes started on this machine",
+    )
+    parser.add_argument(
+        "--workers",
+        type=cli.positive_int,
+        default=config.TRAIN_WORKERS,
+        help="strategy=multiworker without TF_CONFIG: the processes to start on this machine",
+    )
     return parser.parse_args(argv)
+
+
+def launch(args) -> None:
+    """strategy=multiworker without TF_CONFIG: `workers` processes on loopback, in one train run."""
+    from pipeline import cluster
+
+    with tracking.stage_run("train", vars(args)) as active, tempfile.TemporaryDirectory() as tmp:
+        onehot_run = upstream_onehot(args.onehot_run_id)
+        options = {**vars(args), "onehot_run_id": onehot_run.info.run_id}
+        try:
+            cluster.train(options, args.workers, active, Path(tmp))
+        finally:
+            mlflow.log_artifacts(tmp, artifact_path=config.CLUSTER_LOGS_ARTIFACT)
+
+
+def train_as_worker(args, strategy) -> None:
+    """A MultiWorkerMirroredStrategy worker other than the chief: it computes its share of
+    every batch and logs nothing; the chief logs and registers the model."""
+    from pipeline import data
+
+    hyper = {"learning_rate": args.learning_rate, "batch_size": args.batch_size}
+    if args.tune_run_id:
+        hyper = tuned_hyperparameters(args.tune_run_id)
+    arrays = data.load(tracking.find_run("onehot", args.onehot_run_id))
+    options = {k: v for k, v in vars(args).items() if k not in NOT_TRAINING_OPTIONS}
+    with tempfile.TemporaryDirectory() as tmp:
+        run(arrays, Path(tmp), None, strategy=strategy, **{**options, **hyper})
 
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_params(args.learning_rate, args.batch_size, args.epochs, args.patience, args.min_epochs)
+    strategy = None
+    if args.strategy == "multiworker":
+        from pipeline import cluster, fitting
+
+        if cluster.tf_config() is None:
+            return launch(args)
+        strategy = fitting.distribution_strategy(args.strategy)  # before TensorFlow runs anything
+        if not cluster.is_chief():
+            return train_as_worker(args, strategy)
     with tracking.stage_run("train", vars(args)) as active, tempfile.TemporaryDirectory() as tmp:
         hyper = {"learning_rate": args.learning_rate, "batch_size": args.batch_size}
         if args.tune_run_id:
@@ -181,10 +237,8 @@ def main(argv: list[str] | None = None) -> None:
 
         arrays = data.load(onehot_run)
         out_dir = Path(tmp) / config.TRAIN_ARTIFACT
-        options = {
-            k: v for k, v in vars(args).items() if k not in ("onehot_run_id", "tune_run_id", "model_name")
-        }
-        model, history = run(arrays, out_dir, active.info.run_id, **{**options, **hyper})
+        options = {k: v for k, v in vars(args).items() if k not in NOT_TRAINING_OPTIONS}
+        model, history = run(arrays, out_dir, active.info.run_id, strategy=strategy, **{**options, **hyper})
         best = int(history.index[history["kept"]][0])
         mlflow.log_metrics(
             {

@@ -18,6 +18,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import resource
 import tempfile
 from pathlib import Path
@@ -27,18 +28,21 @@ import keras_tuner
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.entities import RunStatus
+from mlflow.entities import Run, RunStatus
+from mlflow.exceptions import MlflowException
 
-from pipeline import cli, config, data, fitting, tracking
+from pipeline import cli, cluster, config, data, fitting, tracking
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline.tune")
 
 PROJECT_TAG = "pipeline.tuner_project"
 TRIAL_ID_TAG = "pipeline.trial_id"
+TUNER_ID_TAG = "pipeline.tuner_id"  # which Keras Tuner worker ran the trial
 TRIAL_STAGE = "tune-trial"
 OBJECTIVE = "val_accuracy"
 KEY_VERSION = 1  # bump when a change to the training step makes old trials incomparable
+NOT_SEARCH_OPTIONS = ("onehot_run_id", "workers", "parent_run_id")  # options of main, not of run()
 TRIAL_COLUMNS = ["trial_id", "status", "learning_rate", "batch_size", "epochs", OBJECTIVE, "run_id"]
 
 
@@ -105,6 +109,7 @@ class MlflowTrials:
     """
 
     keep_checkpoints = False
+    parent_run_id: str | None = None  # a distributed worker's search run; else the active run
 
     def __init__(self, *args, **kwargs):
         self.trial_runs: dict[str, str] = {}
@@ -117,11 +122,13 @@ class MlflowTrials:
         parent = mlflow.active_run()
         run = mlflow.start_run(
             nested=True,
+            parent_run_id=self.parent_run_id,
             run_name=f"trial-{trial.trial_id}",
             experiment_id=parent.info.experiment_id if parent else None,
             tags={
                 config.STAGE_TAG: TRIAL_STAGE,
                 TRIAL_ID_TAG: trial.trial_id,
+                TUNER_ID_TAG: self.tuner_id,
                 PROJECT_TAG: self.project_name,
             },
         )
@@ -352,6 +359,40 @@ def plot_trials(trials: pd.DataFrame, best: pd.Series, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def open_search(
+    arrays: dict[str, np.ndarray],
+    oracle: str,
+    max_trials: int,
+    epochs_per_trial: int,
+    seed: int,
+    augment: bool,
+    precision: str,
+    resume: bool,
+    project_key: str,
+) -> keras_tuner.Tuner:
+    """The tuner of this search (`project_name`), its state reloaded when `resume`, else wiped.
+
+    Raises PipelineError for impossible parameters and for a state that does not reload.
+    """
+    check_params(oracle, max_trials, epochs_per_trial, seed)
+    precision = fitting.set_precision(precision)
+    keras.utils.set_random_seed(seed)
+    hypermodel = ResNetHyperModel(arrays, epochs_per_trial, augment, seed, precision)
+    project = project_name(arrays, oracle, epochs_per_trial, seed, augment, precision, project_key)
+    resuming = resume and (config.tuner_dir() / project).exists()
+    try:
+        return make_tuner(
+            oracle, hypermodel, max_trials, epochs_per_trial, seed, config.tuner_dir(), project, not resume
+        )
+    except (RuntimeError, ValueError) as error:  # a truncated or foreign oracle.json / tuner0.json
+        if not resuming:
+            raise
+        raise PipelineError(
+            f"cannot resume the search in {config.tuner_dir() / project} ({error}); "
+            "run with resume=false to start it over"
+        ) from None
+
+
 def run(
     arrays: dict[str, np.ndarray],
     out_dir: Path,
@@ -375,23 +416,9 @@ def run(
     (TRIAL_COLUMNS), new_trials and project_dir. Raises PipelineError for impossible
     parameters and when no trial finishes.
     """
-    check_params(oracle, max_trials, epochs_per_trial, seed)
-    precision = fitting.set_precision(precision)
-    keras.utils.set_random_seed(seed)
-    hypermodel = ResNetHyperModel(arrays, epochs_per_trial, augment, seed, precision)
-    project = project_name(arrays, oracle, epochs_per_trial, seed, augment, precision, project_key)
-    resuming = resume and (config.tuner_dir() / project).exists()
-    try:
-        tuner = make_tuner(
-            oracle, hypermodel, max_trials, epochs_per_trial, seed, config.tuner_dir(), project, not resume
-        )
-    except (RuntimeError, ValueError) as error:  # a truncated or foreign oracle.json / tuner0.json
-        if not resuming:
-            raise
-        raise PipelineError(
-            f"cannot resume the search in {config.tuner_dir() / project} ({error}); "
-            "run with resume=false to start it over"
-        ) from None
+    tuner = open_search(
+        arrays, oracle, max_trials, epochs_per_trial, seed, augment, precision, resume, project_key
+    )
     known = len(tuner.oracle.trials)
     log.info(
         "%s search in %s: %d trials so far, %s",
@@ -402,6 +429,10 @@ def run(
     )
     # Search
     search(tuner, epochs_per_trial)
+    parent = mlflow.active_run()
+    if cluster.tuner_role() == cluster.CHIEF and parent:  # the workers know the trials' runs
+        tuner.trial_runs.update(trial_runs_under(parent.info.run_id))
+        tuner.save()
     # Summarise
     trials = trials_table(tuner, epochs_per_trial)
     best = best_row(trials)
@@ -417,6 +448,69 @@ def run(
         "new_trials": len(tuner.oracle.trials) - known,
         "project_dir": Path(tuner.project_dir),
     }
+
+
+def trial_runs_under(parent_run_id: str) -> dict[str, str]:
+    """Trial id -> run id of the trial runs under a search run; a retried trial's last run."""
+    runs = mlflow.search_runs(
+        experiment_ids=[mlflow.get_run(parent_run_id).info.experiment_id],
+        filter_string=(
+            f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status != 'KILLED' "
+            f"and tags.`{config.STAGE_TAG}` = '{TRIAL_STAGE}'"
+        ),
+        order_by=["attributes.start_time ASC"],
+        output_format="list",
+    )
+    return {run.data.tags[TRIAL_ID_TAG]: run.info.run_id for run in runs}
+
+
+def work(
+    arrays: dict[str, np.ndarray],
+    parent_run_id: str,
+    oracle: str = config.ORACLE,
+    max_trials: int = config.MAX_TRIALS,
+    epochs_per_trial: int = config.EPOCHS_PER_TRIAL,
+    seed: int = config.SEED,
+    augment: bool = config.AUGMENT,
+    precision: str = config.PRECISION,
+    project_key: str = "",
+) -> list[str]:
+    """As a Keras Tuner worker, run the chief's trials until it has none left; returns their ids.
+
+    The KERASTUNER_* variables name this worker and the chief; the parameters must be
+    the chief's, so that both open the same search. Each trial is a child run of
+    `parent_run_id`. A worker never wipes the search state (the chief does, without
+    resume). A trial run that an earlier process with this worker's id left RUNNING
+    is ended as KILLED first: that process died mid-trial, and the chief hands its
+    trial to this one.
+    """
+    tuner = open_search(
+        arrays, oracle, max_trials, epochs_per_trial, seed, augment, precision, True, project_key
+    )
+    tuner.parent_run_id = parent_run_id
+    cluster.end_running_children(parent_run_id, {TUNER_ID_TAG: tuner.tuner_id}, RunStatus.KILLED)
+    before = dict(tuner.trial_runs)
+    search(tuner, epochs_per_trial)
+    return sorted(trial for trial, run_id in tuner.trial_runs.items() if before.get(trial) != run_id)
+
+
+def search_run(run_id: str) -> Run:
+    """The RUNNING tune run that a worker's trials nest under; PipelineError otherwise."""
+    if not run_id:
+        raise PipelineError(
+            f"a Keras Tuner worker ({cluster.TUNER_ID_ENV}={os.environ.get(cluster.TUNER_ID_ENV)}) needs "
+            "--parent-run-id: the run id of the chief's tune run"
+        )
+    try:
+        run = mlflow.get_run(run_id)
+    except MlflowException:
+        raise PipelineError(f"--parent-run-id {run_id!r} does not exist in {config.tracking_uri()}") from None
+    if run.data.tags.get(config.STAGE_TAG) != "tune" or run.info.status != "RUNNING":
+        raise PipelineError(
+            f"--parent-run-id {run_id} is a {run.info.status} {run.data.tags.get(config.STAGE_TAG)} run, "
+            "not the RUNNING tune run of a search"
+        )
+    return run
 
 
 def parse_args(argv: list[str] | None):
@@ -438,6 +532,17 @@ def parse_args(argv: list[str] | None):
     parser.add_argument(
         "--resume", type=cli.boolean, default=True, help="continue a search with the same parameters"
     )
+    parser.add_argument(
+        "--workers",
+        type=cli.non_negative_int,
+        default=config.TUNE_WORKERS,
+        help="Keras Tuner workers to start beside a chief on this machine (0: search in this process)",
+    )
+    parser.add_argument(
+        "--parent-run-id",
+        default="",
+        help="a Keras Tuner worker only: the chief's tune run, which the worker's trial runs nest under",
+    )
     return parser.parse_args(argv)
 
 
@@ -455,16 +560,44 @@ def log_to_mlflow(result: dict, out_dir: Path) -> None:
     mlflow.log_artifacts(str(out_dir), artifact_path=config.TUNE_ARTIFACT)
 
 
+def launch(args) -> None:
+    """--workers N: the search as a Keras Tuner chief and N workers on loopback, in one tune run."""
+    with tracking.stage_run("tune", vars(args)) as active, tempfile.TemporaryDirectory() as tmp:
+        upstream = tracking.find_run("onehot", args.onehot_run_id)
+        options = {**vars(args), "onehot_run_id": upstream.info.run_id}
+        try:
+            restarts = cluster.search(options, args.workers, active, Path(tmp))
+        finally:
+            mlflow.log_artifacts(tmp, artifact_path=config.CLUSTER_LOGS_ARTIFACT)
+        mlflow.log_metric("worker_restarts", restarts)
+
+
+def run_worker(args) -> None:
+    """This process is a Keras Tuner worker: no stage run of its own, trials under --parent-run-id."""
+    tracking.configure()
+    parent = search_run(args.parent_run_id)
+    mlflow.set_experiment(experiment_id=parent.info.experiment_id)
+    upstream = tracking.find_run("onehot", args.onehot_run_id)
+    options = {key: value for key, value in vars(args).items() if key not in (*NOT_SEARCH_OPTIONS, "resume")}
+    done = work(data.load(upstream), parent.info.run_id, project_key=upstream.info.run_id, **options)
+    log.info("worker %s ran trials %s; the chief has no more", os.environ[cluster.TUNER_ID_ENV], done)
+
+
 @cli.entry_point
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_params(args.oracle, args.max_trials, args.epochs_per_trial, args.seed)
+    role = cluster.tuner_role()
+    if role not in (None, cluster.CHIEF):
+        return run_worker(args)
+    if role is None and args.workers:
+        return launch(args)
     with tracking.stage_run("tune", vars(args)), tempfile.TemporaryDirectory() as tmp:
         upstream = tracking.find_run("onehot", args.onehot_run_id)
         mlflow.set_tag(config.ONEHOT_RUN_TAG, upstream.info.run_id)
         arrays = data.load(upstream)
         out_dir = Path(tmp) / config.TUNE_ARTIFACT
-        options = {key: value for key, value in vars(args).items() if key != "onehot_run_id"}
+        options = {key: value for key, value in vars(args).items() if key not in NOT_SEARCH_OPTIONS}
         result = run(arrays, out_dir, project_key=upstream.info.run_id, **options)
         mlflow.set_tag(PROJECT_TAG, result["project_dir"].name)
         log_to_mlflow(result, out_dir)
