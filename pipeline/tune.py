@@ -592,9 +592,16 @@ def main(argv: list[str] | None = None) -> None:
         return run_worker(args)
     if role is None and args.workers:
         return launch(args)
-    with tracking.stage_run("tune", vars(args)), tempfile.TemporaryDirectory() as tmp:
+    with tracking.stage_run("tune", vars(args)) as active, tempfile.TemporaryDirectory() as tmp:
         upstream = tracking.find_run("onehot", args.onehot_run_id)
         mlflow.set_tag(config.ONEHOT_RUN_TAG, upstream.info.run_id)
+        if role == cluster.CHIEF:
+            log.info(
+                "Keras Tuner chief of tune run %s: start workers with --onehot-run-id %s --parent-run-id %s",
+                active.info.run_id,
+                upstream.info.run_id,
+                active.info.run_id,
+            )
         arrays = data.load(upstream)
         out_dir = Path(tmp) / config.TUNE_ARTIFACT
         options = {key: value for key, value in vars(args).items() if key not in NOT_SEARCH_OPTIONS}
