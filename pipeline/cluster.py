@@ -149,6 +149,9 @@ class Process:
             self.wait(10)
 
     def tail(self) -> str:
+        """The last lines of the log; all of them once the process has ended."""
+        if self.poll() is not None and self._relay:
+            self._relay.join(timeout=5)
         lines = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(lines[-TAIL_LINES:])
 
