@@ -94,6 +94,10 @@ AUGMENT = True
 BN_MOMENTUM = 0.9  # Keras' 0.99 lags far behind the weights in ~20-step epochs
 # Light augmentation that keeps a digit's meaning: no flips (a mirrored hand is another sign).
 AUGMENTATION = {"rotation": 0.05, "zoom": 0.1, "translation": 0.1, "contrast": 0.15, "brightness": 0.1}
+# Distribution: `multiworker` is tf.distribute.MultiWorkerMirroredStrategy driven by TF_CONFIG.
+STRATEGIES = ("default", "multiworker")
+STRATEGY = "default"
+TRAIN_WORKERS = 2  # processes `train --strategy multiworker` starts on this machine without TF_CONFIG
 
 # Tuning
 ORACLES = ("bayesian", "random", "grid", "hyperband")
@@ -106,6 +110,13 @@ HYPERBAND_FACTOR = 3  # hyperband: epochs_per_trial is max_epochs; max_trials do
 BAYESIAN_INITIAL_POINTS = 2  # Keras Tuner's default (6 here) would make a 4-trial search all random
 TUNER_DIR_ENV = "SIGN_DIGITS_TUNER_DIR"
 DEFAULT_TUNER_DIR = Path("tuner")
+TUNE_WORKERS = 0  # Keras Tuner workers `tune` starts beside a chief on this machine; 0: one process
+MAX_WORKER_RESTARTS = 2  # per worker; a restarted worker takes its unfinished trial back
+
+# Local clusters (pipeline.cluster)
+CLUSTER_START_TIMEOUT_S = 300.0  # for the chief to load the data and open its port
+CLUSTER_STOP_TIMEOUT_S = 60.0  # for workers to leave after the chief ends the search
+CLUSTER_LOGS_ARTIFACT = "logs"  # each process's output, logged to the stage run
 
 # Where train backs up its state after every epoch (weights, optimizer, early stopping) until
 # the run has finished, so that a killed run continues where it stopped.

@@ -11,6 +11,7 @@ from pathlib import Path
 import keras
 import mlflow
 import numpy as np
+import tensorflow as tf
 
 from pipeline import config, files, resnet
 from pipeline.errors import PipelineError
@@ -20,8 +21,6 @@ log = logging.getLogger(__name__)
 
 def bf16_is_native() -> bool:
     """Whether this machine computes bfloat16 in hardware (AVX512-BF16/AMX, or a GPU)."""
-    import tensorflow as tf
-
     if tf.config.list_physical_devices("GPU"):
         return True
     try:
@@ -39,6 +38,38 @@ def set_precision(precision: str = config.PRECISION) -> str:
         precision = "mixed_bfloat16" if bf16_is_native() else "float32"
     keras.mixed_precision.set_global_policy(precision)
     return precision
+
+
+def distribution_strategy(name: str = config.STRATEGY) -> tf.distribute.Strategy:
+    """The tf.distribute strategy called `name` (config.STRATEGIES).
+
+    `multiworker` reads TF_CONFIG and waits for every worker it names. Create it before
+    TensorFlow runs anything else in the process: it configures TensorFlow's runtime.
+    """
+    if name not in config.STRATEGIES:
+        raise PipelineError(f"strategy={name!r}: must be one of {', '.join(config.STRATEGIES)}")
+    if name == "multiworker":
+        return MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """TensorFlow's strategy with a `reduce` that Keras 3.15's `fit` can call.
+
+    Keras hands `reduce` a whole (images, labels) batch, and scalar metrics with
+    axis=0 (keras-team/keras#20585); this strategy's collective reduce takes one
+    value at a time, and no axis for a scalar. Here each value of the structure is
+    reduced on its own, across replicas only where it has no axis to reduce along.
+    """
+
+    def reduce(self, reduce_op, value, axis):
+        reduce_one = super().reduce
+
+        def one(item):
+            local = item.values[0] if isinstance(item, tf.distribute.DistributedValues) else item
+            return reduce_one(reduce_op, item, axis if local.shape.rank else None)
+
+        return tf.nest.map_structure(one, value)
 
 
 def new_model(image_size: int, num_classes: int = config.NUM_CLASSES) -> keras.Model:
@@ -81,7 +112,8 @@ def steps(num_images: int, batch_size: int) -> int:
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """Logs every epoch's metrics, learning rate, epoch time and images/s to one MLflow run.
+    """Logs every epoch's metrics, learning rate, epoch time and images/s to one MLflow run
+    (none when `run_id` is None).
 
     `rows` collects one dict per epoch ("epoch", the metrics, "timestamp" in ms), starting
     with the epochs of `backup`, if any. With a backup, each epoch is saved there before it
@@ -89,7 +121,9 @@ class EpochLogger(keras.callbacks.Callback):
     never one that is logged but trained again.
     """
 
-    def __init__(self, run_id: str, num_images: int, step_offset: int = 0, backup: "Backup | None" = None):
+    def __init__(
+        self, run_id: str | None, num_images: int, step_offset: int = 0, backup: "Backup | None" = None
+    ):
         super().__init__()
         self.run_id = run_id
         self.num_images = num_images
@@ -119,6 +153,8 @@ class EpochLogger(keras.callbacks.Callback):
         )
 
     def log(self, rows: list[dict]) -> None:
+        if self.run_id is None:  # a multi-worker training's non-chief worker
+            return
         self.client.log_batch(
             self.run_id,
             metrics=[

@@ -33,6 +33,8 @@ from pipeline.errors import PipelineError
 log = logging.getLogger("pipeline.train")
 
 BACKUP_KEY_VERSION = 1  # bump when a change to training makes old backups unusable
+# Options of main that are not run()'s.
+NOT_TRAINING_OPTIONS = ("onehot_run_id", "tune_run_id", "model_name", "strategy", "workers")
 
 
 def run(
@@ -48,6 +50,7 @@ def run(
     seed: int = config.SEED,
     precision: str = config.PRECISION,
     backup_dir: Path | None = None,
+    strategy=None,
 ):
     """Train a fresh ResNet50 on `arrays` (from data.load), logging each epoch to `run_id`.
 
@@ -61,6 +64,10 @@ def run(
     decides as if uninterrupted, and epochs the run lacks are logged to `run_id` from
     the backup. The folder stays until the caller removes it. Raises PipelineError when
     another process trains from the same folder.
+
+    `strategy` (a tf.distribute strategy, default: none) holds the model's variables;
+    `batch_size` is the global batch, split between its replicas. With `run_id` None
+    nothing is logged (a multi-worker training's non-chief worker).
     """
     import keras
 
@@ -70,8 +77,9 @@ def run(
     keras.utils.set_random_seed(seed)
     policy = fitting.set_precision(precision)
     x_train, y_train = arrays["x_train"], arrays["y_train"]
-    model = fitting.new_model(x_train.shape[1], y_train.shape[1])
-    fitting.compile_model(model, learning_rate, fitting.steps(len(x_train), batch_size), epochs)
+    with (strategy or fitting.distribution_strategy()).scope():
+        model = fitting.new_model(x_train.shape[1], y_train.shape[1])
+        fitting.compile_model(model, learning_rate, fitting.steps(len(x_train), batch_size), epochs)
     stopper = fitting.early_stopping(patience, min_epochs)
     lock = contextlib.nullcontext()
     if backup_dir:
@@ -260,7 +268,47 @@ def parse_args(argv: list[str] | None):
     )
     add_options(parser)
     parser.add_argument("--seed", type=cli.seed, default=config.SEED)
+    parser.add_argument(
+        "--strategy",
+        choices=config.STRATEGIES,
+        default=config.STRATEGY,
+        help="multiworker: tf.distribute.MultiWorkerMirroredStrategy over the workers that TF_CONFIG "
+        "names, or, without TF_CONFIG, over --workers processes started on this machine",
+    )
+    parser.add_argument(
+        "--workers",
+        type=cli.positive_int,
+        default=config.TRAIN_WORKERS,
+        help="strategy=multiworker without TF_CONFIG: the processes to start on this machine",
+    )
     return parser.parse_args(argv)
+
+
+def launch(args) -> None:
+    """strategy=multiworker without TF_CONFIG: `workers` processes on loopback, in one train run."""
+    from pipeline import cluster
+
+    with tracking.stage_run("train", vars(args)) as active, tempfile.TemporaryDirectory() as tmp:
+        onehot_run = finished_onehot(args.onehot_run_id) or run_ingest_and_onehot()
+        options = {**vars(args), "onehot_run_id": onehot_run.info.run_id}
+        try:
+            cluster.train(options, args.workers, active, Path(tmp))
+        finally:
+            mlflow.log_artifacts(tmp, artifact_path=config.CLUSTER_LOGS_ARTIFACT)
+
+
+def train_as_worker(args, strategy) -> None:
+    """A MultiWorkerMirroredStrategy worker other than the chief: it computes its share of
+    every batch and logs nothing; the chief logs and registers the model."""
+    from pipeline import data
+
+    hyper = {"learning_rate": args.learning_rate, "batch_size": args.batch_size}
+    if args.tune_run_id:
+        hyper = tuned_hyperparameters(args.tune_run_id)
+    arrays = data.load(tracking.find_run("onehot", args.onehot_run_id))
+    options = {k: v for k, v in vars(args).items() if k not in NOT_TRAINING_OPTIONS}
+    with tempfile.TemporaryDirectory() as tmp:
+        run(arrays, Path(tmp), None, strategy=strategy, **{**options, **hyper})
 
 
 @cli.entry_point
@@ -268,15 +316,25 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_params(args.learning_rate, args.batch_size, args.epochs, args.patience, args.min_epochs)
     tracking.check_upstream(onehot_run_id=args.onehot_run_id, tune_run_id=args.tune_run_id)
+    strategy = None
+    if args.strategy == "multiworker":
+        from pipeline import cluster, fitting
+
+        if cluster.tf_config() is None:
+            return launch(args)
+        strategy = fitting.distribution_strategy(args.strategy)  # before TensorFlow runs anything
+        if not cluster.is_chief():
+            return train_as_worker(args, strategy)
     tracking.configure()
     hyper = {"learning_rate": args.learning_rate, "batch_size": args.batch_size}
     if args.tune_run_id:
         hyper = tuned_hyperparameters(args.tune_run_id)
         log.info("using the search's best hyperparameters %s", hyper)
-    options = {k: v for k, v in vars(args).items() if k not in ("onehot_run_id", "tune_run_id", "model_name")}
+    options = {k: v for k, v in vars(args).items() if k not in NOT_TRAINING_OPTIONS}
     options.update(hyper)
     onehot_run = finished_onehot(args.onehot_run_id)
-    backup_dir = checkpoint_folder(onehot_run.info.run_id, options) if onehot_run else None
+    # Each multi-worker process would need a backup of its own: not built, so no backup there.
+    backup_dir = checkpoint_folder(onehot_run.info.run_id, options) if onehot_run and not strategy else None
     resume = unfinished_run(backup_dir) if backup_dir else None
     if resume:
         log.info("continuing the unfinished train run %s from its backup in %s", resume, backup_dir)
@@ -288,12 +346,14 @@ def main(argv: list[str] | None = None) -> None:
             tracking.log_new_params(active, {f"tuned_{key}": value for key, value in hyper.items()})
         if onehot_run is None:
             onehot_run = run_ingest_and_onehot()
-            backup_dir = checkpoint_folder(onehot_run.info.run_id, options)
+            backup_dir = None if strategy else checkpoint_folder(onehot_run.info.run_id, options)
         from pipeline import data, serving
 
         arrays = data.load(onehot_run)
         out_dir = Path(tmp) / config.TRAIN_ARTIFACT
-        model, history = run(arrays, out_dir, active.info.run_id, backup_dir=backup_dir, **options)
+        model, history = run(
+            arrays, out_dir, active.info.run_id, backup_dir=backup_dir, strategy=strategy, **options
+        )
         best = int(history.index[history["kept"]][0])
         mlflow.log_metrics(
             {
@@ -319,8 +379,8 @@ def main(argv: list[str] | None = None) -> None:
             args.model_name,
             info.registered_model_version,
         )
-    # Only now: a kill before the run ended FINISHED must find the backup.
-    shutil.rmtree(backup_dir, ignore_errors=True)
+    if backup_dir:  # only now: a kill before the run ended FINISHED must find the backup
+        shutil.rmtree(backup_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

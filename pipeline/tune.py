@@ -19,12 +19,14 @@ when run again with the same parameters: finished trials are kept, the interrupt
 one runs again, and the MLflow runs it left open are ended (see `MlflowTrials`).
 """
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import resource
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import keras
@@ -33,10 +35,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 from keras_tuner.src import utils as keras_tuner_utils
-from mlflow.entities import RunStatus
+from mlflow.entities import Run, RunStatus
 from mlflow.exceptions import MlflowException
 
-from pipeline import cli, config, data, files, fitting, tracking
+from pipeline import cli, cluster, config, data, files, fitting, tracking
 from pipeline import trial as trial_process
 from pipeline.errors import PipelineError
 
@@ -45,10 +47,12 @@ log = logging.getLogger("pipeline.tune")
 PROJECT_TAG = "pipeline.tuner_project"
 TRIAL_ID_TAG = "pipeline.trial_id"
 TRIAL_PID_TAG = "pipeline.trial_pid"
-ARRAYS_FILE = "arrays.npz"
+TUNER_ID_TAG = "pipeline.tuner_id"  # which Keras Tuner worker ran the trial
+ARRAYS_FILE = "arrays-{tuner_id}.npz"  # one per worker: each removes its own when it ends
 TRIAL_STAGE = "tune-trial"
 OBJECTIVE = "val_accuracy"
 KEY_VERSION = 1  # bump when a change to the training step makes old trials incomparable
+NOT_SEARCH_OPTIONS = ("onehot_run_id", "workers", "parent_run_id")  # options of main, not of run()
 TRIAL_COLUMNS = ["trial_id", "status", "learning_rate", "batch_size", "epochs", OBJECTIVE, "run_id"]
 
 
@@ -121,6 +125,7 @@ class MlflowTrials:
     """
 
     keep_checkpoints = False
+    parent_run_id: str | None = None  # a distributed worker's search run; else the active run
 
     def __init__(self, *args, **kwargs):
         self.trial_runs: dict[str, str] = {}
@@ -194,11 +199,13 @@ class MlflowTrials:
         parent = mlflow.active_run()
         run = mlflow.start_run(
             nested=True,
+            parent_run_id=self.parent_run_id,
             run_name=f"trial-{trial.trial_id}",
             experiment_id=parent.info.experiment_id if parent else None,
             tags={
                 config.STAGE_TAG: TRIAL_STAGE,
                 TRIAL_ID_TAG: trial.trial_id,
+                TUNER_ID_TAG: self.tuner_id,
                 PROJECT_TAG: self.project_name,
                 config.PROCESS_TAG: tracking.process_id(),
             },
@@ -235,15 +242,17 @@ class MlflowTrials:
         }
 
     def _arrays_path(self) -> Path:
-        return Path(self.project_dir) / ARRAYS_FILE
+        return Path(self.project_dir) / ARRAYS_FILE.format(tuner_id=self.tuner_id)
 
     def _end_orphaned_runs(self) -> None:
         """End the runs a killed search left open: FINISHED for a trial Keras Tuner recorded
         as completed, KILLED for one it will run again."""
         client = mlflow.MlflowClient()
-        parent = mlflow.active_run()
+        parent = mlflow.get_run(self.parent_run_id) if self.parent_run_id else mlflow.active_run()
         if parent:
             tracking.end_dead_runs(parent.info.experiment_id)
+        if self._is_worker():
+            return  # the trials' states are the chief's; `work` ended this worker's open runs
         for trial_id, run_id in self.trial_runs.items():
             try:
                 status = client.get_run(run_id).info.status
@@ -493,6 +502,54 @@ def plot_trials(trials: pd.DataFrame, best: pd.Series, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+@contextlib.contextmanager
+def open_search(
+    arrays: dict[str, np.ndarray],
+    oracle: str,
+    max_trials: int,
+    epochs_per_trial: int,
+    seed: int,
+    augment: bool,
+    precision: str,
+    resume: bool,
+    project_key: str,
+) -> Iterator[keras_tuner.Tuner]:
+    """The tuner of this search (`project_name`), its state reloaded when `resume`, else wiped,
+    held under a lock for this Keras Tuner id (one process per id runs the search).
+
+    Raises PipelineError for impossible parameters and for a state that does not reload.
+    """
+    check_params(oracle, max_trials, epochs_per_trial, seed)
+    precision = fitting.set_precision(precision)
+    keras.utils.set_random_seed(seed)
+    hypermodel = ResNetHyperModel(arrays, epochs_per_trial, augment, seed, precision)
+    project = project_name(arrays, oracle, epochs_per_trial, seed, augment, precision, project_key)
+    if mlflow.active_run():
+        mlflow.set_tag(PROJECT_TAG, project)
+    resuming = resume and (config.tuner_dir() / project).exists()
+    tuner_id = os.environ.get(cluster.TUNER_ID_ENV, "tuner0")
+    with files.locked(config.tuner_dir() / f"{project}.{tuner_id}.lock", f"the search {project}"):
+        try:
+            tuner = make_tuner(
+                oracle,
+                hypermodel,
+                max_trials,
+                epochs_per_trial,
+                seed,
+                config.tuner_dir(),
+                project,
+                not resume,
+            )
+        except (RuntimeError, ValueError) as error:  # a foreign or damaged oracle.json / tuner0.json
+            if not resuming:
+                raise
+            raise PipelineError(
+                f"cannot resume the search in {config.tuner_dir() / project} ({error}); "
+                "run with resume=false to start it over"
+            ) from None
+        yield tuner
+
+
 def run(
     arrays: dict[str, np.ndarray],
     out_dir: Path,
@@ -516,34 +573,9 @@ def run(
     (TRIAL_COLUMNS), new_trials and project_dir. Raises PipelineError for impossible
     parameters and when no trial finishes.
     """
-    check_params(oracle, max_trials, epochs_per_trial, seed)
-    precision = fitting.set_precision(precision)
-    keras.utils.set_random_seed(seed)
-    hypermodel = ResNetHyperModel(arrays, epochs_per_trial, augment, seed, precision)
-    project = project_name(arrays, oracle, epochs_per_trial, seed, augment, precision, project_key)
-    if mlflow.active_run():
-        mlflow.set_tag(PROJECT_TAG, project)
-    resuming = resume and (config.tuner_dir() / project).exists()
-    tuner_id = os.environ.get("KERASTUNER_TUNER_ID", "tuner0")
-    with files.locked(config.tuner_dir() / f"{project}.{tuner_id}.lock", f"the search {project}"):
-        try:
-            tuner = make_tuner(
-                oracle,
-                hypermodel,
-                max_trials,
-                epochs_per_trial,
-                seed,
-                config.tuner_dir(),
-                project,
-                not resume,
-            )
-        except (RuntimeError, ValueError) as error:  # a foreign or damaged oracle.json / tuner0.json
-            if not resuming:
-                raise
-            raise PipelineError(
-                f"cannot resume the search in {config.tuner_dir() / project} ({error}); "
-                "run with resume=false to start it over"
-            ) from None
+    with open_search(
+        arrays, oracle, max_trials, epochs_per_trial, seed, augment, precision, resume, project_key
+    ) as tuner:
         known = sum(trial.status == "COMPLETED" for trial in tuner.oracle.trials.values())
         log.info(
             "%s search in %s: %d trials completed so far, %s",
@@ -554,6 +586,10 @@ def run(
         )
         # Search
         search(tuner, epochs_per_trial)
+        parent = mlflow.active_run()
+        if cluster.tuner_role() == cluster.CHIEF and parent:  # the workers know the trials' runs
+            tuner.trial_runs.update(trial_runs_under(parent.info.run_id))
+            tuner.save()
     # Summarise
     trials = trials_table(tuner, epochs_per_trial)
     best = best_row(trials)
@@ -569,6 +605,69 @@ def run(
         "new_trials": sum(trial.status == "COMPLETED" for trial in tuner.oracle.trials.values()) - known,
         "project_dir": Path(tuner.project_dir),
     }
+
+
+def trial_runs_under(parent_run_id: str) -> dict[str, str]:
+    """Trial id -> run id of the trial runs under a search run; a retried trial's last run."""
+    runs = mlflow.search_runs(
+        experiment_ids=[mlflow.get_run(parent_run_id).info.experiment_id],
+        filter_string=(
+            f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status != 'KILLED' "
+            f"and tags.`{config.STAGE_TAG}` = '{TRIAL_STAGE}'"
+        ),
+        order_by=["attributes.start_time ASC"],
+        output_format="list",
+    )
+    return {run.data.tags[TRIAL_ID_TAG]: run.info.run_id for run in runs}
+
+
+def work(
+    arrays: dict[str, np.ndarray],
+    parent_run_id: str,
+    oracle: str = config.ORACLE,
+    max_trials: int = config.MAX_TRIALS,
+    epochs_per_trial: int = config.EPOCHS_PER_TRIAL,
+    seed: int = config.SEED,
+    augment: bool = config.AUGMENT,
+    precision: str = config.PRECISION,
+    project_key: str = "",
+) -> list[str]:
+    """As a Keras Tuner worker, run the chief's trials until it has none left; returns their ids.
+
+    The KERASTUNER_* variables name this worker and the chief; the parameters must be
+    the chief's, so that both open the same search. Each trial is a child run of
+    `parent_run_id`. A worker never wipes the search state (the chief does, without
+    resume). A trial run that an earlier process with this worker's id left RUNNING
+    is ended as KILLED first: that process died mid-trial, and the chief hands its
+    trial to this one.
+    """
+    with open_search(
+        arrays, oracle, max_trials, epochs_per_trial, seed, augment, precision, True, project_key
+    ) as tuner:
+        tuner.parent_run_id = parent_run_id
+        cluster.end_running_children(parent_run_id, {TUNER_ID_TAG: tuner.tuner_id}, RunStatus.KILLED)
+        before = dict(tuner.trial_runs)
+        search(tuner, epochs_per_trial)
+    return sorted(trial for trial, run_id in tuner.trial_runs.items() if before.get(trial) != run_id)
+
+
+def search_run(run_id: str) -> Run:
+    """The RUNNING tune run that a worker's trials nest under; PipelineError otherwise."""
+    if not run_id:
+        raise PipelineError(
+            f"a Keras Tuner worker ({cluster.TUNER_ID_ENV}={os.environ.get(cluster.TUNER_ID_ENV)}) needs "
+            "--parent-run-id: the run id of the chief's tune run"
+        )
+    try:
+        run = mlflow.get_run(run_id)
+    except MlflowException:
+        raise PipelineError(f"--parent-run-id {run_id!r} does not exist in {config.tracking_uri()}") from None
+    if run.data.tags.get(config.STAGE_TAG) != "tune" or run.info.status != "RUNNING":
+        raise PipelineError(
+            f"--parent-run-id {run_id} is a {run.info.status} {run.data.tags.get(config.STAGE_TAG)} run, "
+            "not the RUNNING tune run of a search"
+        )
+    return run
 
 
 def parse_args(argv: list[str] | None):
@@ -590,6 +689,17 @@ def parse_args(argv: list[str] | None):
     parser.add_argument(
         "--resume", type=cli.boolean, default=True, help="continue a search with the same parameters"
     )
+    parser.add_argument(
+        "--workers",
+        type=cli.non_negative_int,
+        default=config.TUNE_WORKERS,
+        help="Keras Tuner workers to start beside a chief on this machine (0: search in this process)",
+    )
+    parser.add_argument(
+        "--parent-run-id",
+        default="",
+        help="a Keras Tuner worker only: the chief's tune run, which the worker's trial runs nest under",
+    )
     return parser.parse_args(argv)
 
 
@@ -607,17 +717,52 @@ def log_to_mlflow(result: dict, out_dir: Path) -> None:
     mlflow.log_artifacts(str(out_dir), artifact_path=config.TUNE_ARTIFACT)
 
 
+def launch(args) -> None:
+    """--workers N: the search as a Keras Tuner chief and N workers on loopback, in one tune run."""
+    with tracking.stage_run("tune", vars(args)) as active, tempfile.TemporaryDirectory() as tmp:
+        upstream = tracking.find_run("onehot", args.onehot_run_id)
+        options = {**vars(args), "onehot_run_id": upstream.info.run_id}
+        try:
+            restarts = cluster.search(options, args.workers, active, Path(tmp))
+        finally:
+            mlflow.log_artifacts(tmp, artifact_path=config.CLUSTER_LOGS_ARTIFACT)
+        mlflow.log_metric("worker_restarts", restarts)
+
+
+def run_worker(args) -> None:
+    """This process is a Keras Tuner worker: no stage run of its own, trials under --parent-run-id."""
+    tracking.configure()
+    parent = search_run(args.parent_run_id)
+    mlflow.set_experiment(experiment_id=parent.info.experiment_id)
+    upstream = tracking.find_run("onehot", args.onehot_run_id)
+    options = {key: value for key, value in vars(args).items() if key not in (*NOT_SEARCH_OPTIONS, "resume")}
+    done = work(data.load(upstream), parent.info.run_id, project_key=upstream.info.run_id, **options)
+    log.info("worker %s ran trials %s; the chief has no more", os.environ[cluster.TUNER_ID_ENV], done)
+
+
 @cli.entry_point
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_params(args.oracle, args.max_trials, args.epochs_per_trial, args.seed)
+    role = cluster.tuner_role()
+    if role not in (None, cluster.CHIEF):
+        return run_worker(args)
     tracking.check_upstream(onehot_run_id=args.onehot_run_id)
-    with tracking.stage_run("tune", vars(args)), tempfile.TemporaryDirectory() as tmp:
+    if role is None and args.workers:
+        return launch(args)
+    with tracking.stage_run("tune", vars(args)) as active, tempfile.TemporaryDirectory() as tmp:
         upstream = tracking.find_run("onehot", args.onehot_run_id)
         mlflow.set_tag(config.ONEHOT_RUN_TAG, upstream.info.run_id)
+        if role == cluster.CHIEF:
+            log.info(
+                "Keras Tuner chief of tune run %s: start workers with --onehot-run-id %s --parent-run-id %s",
+                active.info.run_id,
+                upstream.info.run_id,
+                active.info.run_id,
+            )
         arrays = data.load(upstream)
         out_dir = Path(tmp) / config.TUNE_ARTIFACT
-        options = {key: value for key, value in vars(args).items() if key != "onehot_run_id"}
+        options = {key: value for key, value in vars(args).items() if key not in NOT_SEARCH_OPTIONS}
         result = run(arrays, out_dir, project_key=upstream.info.run_id, **options)
         mlflow.set_tag(PROJECT_TAG, result["project_dir"].name)
         log_to_mlflow(result, out_dir)

@@ -55,6 +55,8 @@ CASES = [
     ("tune", ["--seed", TOO_BIG_SEED], ["--seed", "from 0 to 4294967295"]),
     ("tune", ["--onehot-run-id", MISSING_RUN], ["onehot_run_id", "does not exist", "finished onehot run"]),
     ("tune", ["--onehot-run-id", "{ingest}"], ["onehot_run_id", "of stage 'ingest', not 'onehot'"]),
+    ("tune", ["--workers", "-1"], ["--workers", ">= 0, got -1"]),
+    ("tune", ["--workers", "2", "--onehot-run-id", MISSING_RUN], ["onehot_run_id", "does not exist"]),
     # train
     ("train", ["--epochs", "0"], ["--epochs", ">= 1, got 0"]),
     ("train", ["--batch-size", "0"], ["--batch-size", ">= 1, got 0"]),
@@ -74,6 +76,13 @@ CASES = [
     ("train", ["--onehot-run-id", "{ingest}"], ["onehot_run_id", "of stage 'ingest', not 'onehot'"]),
     ("train", ["--tune-run-id", "{ingest}"], ["tune_run_id", "of stage 'ingest', not 'tune'"]),
     ("train", ["--tune-run-id", MISSING_RUN], ["tune_run_id", "does not exist", "finished tune run"]),
+    ("train", ["--strategy", "mirrored"], ["--strategy", "invalid choice: 'mirrored'", "'multiworker'"]),
+    ("train", ["--strategy", "multiworker", "--workers", "0"], ["--workers", ">= 1, got 0"]),
+    (
+        "train",
+        ["--strategy", "multiworker", "--onehot-run-id", "{ingest}"],
+        ["onehot_run_id", "of stage 'ingest', not 'onehot'"],
+    ),
     # evaluate
     ("evaluate", ["--model-uri", "models:/nope/1"], ["--model-uri 'models:/nope/1' does not resolve"]),
     ("evaluate", ["--model-uri", "models:/nope@champion"], ["--model-uri", "does not resolve"]),
