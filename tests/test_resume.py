@@ -20,15 +20,10 @@ from conftest import ROOT, make_tree
 
 from pipeline import config, ingest, onehot, tracking, tune
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.integration,
-    # Each test passed run alone (here and on a fresh clone), but the train and tune ones failed
-    # inside the whole suite in CI, twice; until that interaction is found they are reported, not gating.
-    pytest.mark.xfail(reason="fails inside the full suite only; under investigation", strict=False),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 TIMEOUT_S = 600
+STOP_TIMEOUT_S = 300  # for a stage to end its runs after Ctrl-C, on a machine busy with other work
 
 
 @pytest.fixture
@@ -129,7 +124,7 @@ def test_train_interrupted_then_killed_continues_in_one_run_with_every_epoch_onc
         lambda: next((r.info.run_id for r in runs("train") if steps(r.info.run_id)), None), process, log
     )
     process.send_signal(signal.SIGINT)
-    assert process.wait(120) == 130, log.read_text()[-3000:]
+    assert process.wait(STOP_TIMEOUT_S) == 130, log.read_text()[-3000:]
     assert mlflow.get_run(run_id).info.status == "KILLED"
     (folder,) = (store / "checkpoints").glob("train-*/")
     state = json.loads((folder / "state.json").read_text())
@@ -170,7 +165,7 @@ def test_tune_interrupted_then_killed_completes_every_trial_once(store):
     process = stage("tune", *TUNE, log=log)
     (child,) = wait_for(lambda: trial_processes(process.pid), process, log)
     process.send_signal(signal.SIGINT)
-    assert process.wait(120) == 130, log.read_text()[-3000:]
+    assert process.wait(STOP_TIMEOUT_S) == 130, log.read_text()[-3000:]
     assert wait_gone(child)
     (first,) = runs("tune")
     assert first.info.status == "KILLED"
