@@ -51,7 +51,7 @@ TUNER_ID_TAG = "pipeline.tuner_id"  # which Keras Tuner worker ran the trial
 ARRAYS_FILE = "arrays-{tuner_id}.npz"  # one per worker: each removes its own when it ends
 TRIAL_STAGE = "tune-trial"
 OBJECTIVE = "val_accuracy"
-KEY_VERSION = 1  # bump when a change to the training step makes old trials incomparable
+KEY_VERSION = 2  # bump when a change to the training step or the oracles makes old trials incomparable
 NOT_SEARCH_OPTIONS = ("onehot_run_id", "workers", "parent_run_id")  # options of main, not of run()
 TRIAL_COLUMNS = ["trial_id", "status", "learning_rate", "batch_size", "epochs", OBJECTIVE, "run_id"]
 
@@ -313,12 +313,30 @@ def _save_json_atomically(path, obj):
 keras_tuner_utils.save_json = _save_json_atomically
 
 
-class BayesianTuner(MlflowTrials, keras_tuner.BayesianOptimization):
+class DefaultsFirst:
+    """Mixed into a Keras Tuner oracle: a search's first trial tries the declared defaults.
+
+    Those are the recipe `train` runs untuned (config.LEARNING_RATE, config.BATCH_SIZE),
+    so the trial `train` takes from a search is never worse than it by the search's own
+    measure. Keras Tuner's random and Bayesian oracles start with random values.
+    """
+
+    def populate_space(self, trial_id):
+        if self.trials:
+            return super().populate_space(trial_id)
+        return {"status": keras_tuner.engine.trial.TrialStatus.RUNNING, "values": self.get_space().values}
+
+
+class BayesianOracle(DefaultsFirst, keras_tuner.oracles.BayesianOptimizationOracle):
     pass
 
 
-class RandomTuner(MlflowTrials, keras_tuner.RandomSearch):
+class RandomOracle(DefaultsFirst, keras_tuner.oracles.RandomSearchOracle):
     pass
+
+
+class SearchTuner(MlflowTrials, keras_tuner.Tuner):
+    """The tuner for an oracle made here (DEFAULTS_FIRST_ORACLES)."""
 
 
 class GridTuner(MlflowTrials, keras_tuner.GridSearch):
@@ -330,7 +348,8 @@ class HyperbandTuner(MlflowTrials, keras_tuner.Hyperband):
     keep_checkpoints = True
 
 
-TUNERS = {"bayesian": BayesianTuner, "random": RandomTuner, "grid": GridTuner, "hyperband": HyperbandTuner}
+TUNERS = {"grid": GridTuner, "hyperband": HyperbandTuner}
+DEFAULTS_FIRST_ORACLES = {"bayesian": BayesianOracle, "random": RandomOracle}
 
 
 def rss_mib() -> float:
@@ -412,15 +431,15 @@ def make_tuner(
         budget = {"max_trials": max_trials, "num_initial_points": config.BAYESIAN_INITIAL_POINTS}
     else:
         budget = {"max_trials": max_trials}
-    return TUNERS[oracle](
-        hypermodel=hypermodel,
-        objective=keras_tuner.Objective(OBJECTIVE, direction="max"),
-        seed=seed + 1,  # Keras Tuner replaces a seed of 0 with a random one
-        directory=str(directory),
-        project_name=project,
-        overwrite=overwrite,
+    settings = {
+        "objective": keras_tuner.Objective(OBJECTIVE, direction="max"),
+        "seed": seed + 1,  # Keras Tuner replaces a seed of 0 with a random one
         **budget,
-    )
+    }
+    where = {"directory": str(directory), "project_name": project, "overwrite": overwrite}
+    if oracle in DEFAULTS_FIRST_ORACLES:
+        return SearchTuner(oracle=DEFAULTS_FIRST_ORACLES[oracle](**settings), hypermodel=hypermodel, **where)
+    return TUNERS[oracle](hypermodel=hypermodel, **settings, **where)
 
 
 def search(tuner: keras_tuner.Tuner, epochs: int) -> None:

@@ -313,6 +313,19 @@ def test_resume_runs_only_new_trials_and_no_resume_starts_over(onehot_run, eager
     ]
 
 
+@pytest.mark.parametrize("oracle", ["bayesian", "random", "grid"])
+def test_a_search_tries_the_untuned_recipe_first_then_other_values(tmp_path, oracle):
+    tuner = tune.make_tuner(oracle, tune.ResNetHyperModel({}, EPOCHS), 4, EPOCHS, 42, tmp_path, "p", True)
+    first = tuner.oracle.create_trial("tuner0")
+    defaults = {"learning_rate": config.LEARNING_RATE, "batch_size": config.BATCH_SIZE}
+    assert first.hyperparameters.values == defaults
+    tuner.oracle.update_trial(first.trial_id, {tune.OBJECTIVE: 0.5})
+    first.status = "COMPLETED"
+    tuner.oracle.end_trial(first)
+    second = tuner.oracle.create_trial("tuner0")
+    assert second.status == "RUNNING" and second.hyperparameters.values != defaults
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("oracle", ["random", "grid", "hyperband"])
 def test_each_oracle_runs_a_one_trial_search(mlflow_store, arrays, eager, tmp_path, oracle):
