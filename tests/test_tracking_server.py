@@ -27,7 +27,7 @@ import pytest
 from conftest import ROOT, free_port, make_tree
 from mlflow.server import get_app_client
 
-from pipeline import config, ingest, onehot
+from pipeline import config, ingest, onehot, tune
 
 SCRIPT = ROOT / "deploy" / "tracking-server.sh"
 HAS_POSTGRES = bool(shutil.which("pg_ctl") or glob("/usr/lib/postgresql/*/bin/pg_ctl"))
@@ -222,6 +222,40 @@ def test_stages_log_runs_to_postgresql_and_artifacts_through_the_server(server, 
     )
     assert rows == {r.info.run_id: "FINISHED" for r in runs.values()}
     assert not (work / "mlflow.db").exists() and not (work / "mlruns").exists()
+
+
+def test_a_distributed_search_logs_every_workers_trials_under_one_search_run(server, tmp_path):
+    """`tune --workers 2`: a Keras Tuner chief and two workers, each a client of the server."""
+    work = tmp_path / "work"
+    env = {**user_env(server.url, work), config.EAGER_ENV: "1", config.TUNER_DIR_ENV: str(work / "tuner")}
+    env["MLFLOW_EXPERIMENT_NAME"] = "team-search"
+    photos = make_tree(tmp_path / "photos", per_class=3)
+    for command in (
+        stage_command("ingest", "--source", str(photos), "--image-size", "32"),
+        stage_command("onehot"),
+        stage_command(
+            "tune",
+            *("--workers", "2", "--oracle", "random", "--max-trials", "3"),
+            *("--epochs-per-trial", "1", "--precision", "float32"),
+        ),
+    ):
+        done = run(command, env, work)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    client = mlflow.MlflowClient(server.url)
+    experiment = client.get_experiment_by_name("team-search")
+    (search,) = client.search_runs([experiment.experiment_id], f"tags.`{config.STAGE_TAG}` = 'tune'")
+    trials = client.search_runs(
+        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{search.info.run_id}'"
+    )
+    assert search.info.status == "FINISHED" and search.data.metrics["num_trials"] == 3
+    assert sorted(r.data.tags[tune.TRIAL_ID_TAG] for r in trials) == ["0", "1", "2"]
+    assert {r.info.status for r in trials} == {"FINISHED"}
+    assert {r.data.tags[tune.TUNER_ID_TAG] for r in trials} <= {"tuner0", "tuner1"}
+    rows = dict(
+        server.sql(f"SELECT run_uuid, status FROM runs WHERE experiment_id = {experiment.experiment_id}")
+    )
+    assert {r.info.run_id for r in trials} | {search.info.run_id} <= set(rows)
+    assert not (work / "mlflow.db").exists()
 
 
 def test_the_script_reports_status_and_keeps_secrets_private(server):
