@@ -116,8 +116,7 @@ class SignDigitsModel(mlflow.pyfunc.PythonModel):
 
 def inference_model(model: keras.Model) -> keras.Model:
     """The model to serve: a ResNet-50's batch norms folded into its convolutions, computed in
-    bfloat16 where this machine does that natively (config.SERVING_PRECISION); other models
-    as they are."""
+    config.SERVING_PRECISION; other models as they are."""
     from pipeline import fitting, resnet
 
     if not any(layer.name == "bn_conv1" for layer in model.layers):
