@@ -29,8 +29,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import keras
-import keras_tuner
+# A distributed worker talks gRPC to the chief and forks each trial's process (trial.py's
+# preexec_fn rules out vfork); gRPC's fork handlers then restart its poller in the child,
+# which aborted a trial in 2 of 6 test searches here ("epoll_wait error: Bad file descriptor").
+# The child execs a fresh Python at once and needs none of them. Read when gRPC starts.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import keras  # noqa: E402
+import keras_tuner  # noqa: E402
 import mlflow
 import numpy as np
 import pandas as pd
