@@ -42,7 +42,6 @@ ORACLE_PORT_ENV = "KERASTUNER_ORACLE_PORT"
 TF_CONFIG_ENV = "TF_CONFIG"
 CHIEF = "chief"
 TAIL_LINES = 15
-PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 # Roles
@@ -189,16 +188,11 @@ def to_argv(options: Mapping[str, object]) -> list[str]:
 
 
 def child_env(parent: Run) -> dict[str, str]:
-    """Our environment, pointed at the parent run's tracking store and experiment, and at
-    this copy of the pipeline package whatever the working directory."""
-    env = {
-        **os.environ,
-        config.TRACKING_URI_ENV: config.tracking_uri(),
-        "MLFLOW_EXPERIMENT_ID": parent.info.experiment_id,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_DIR), os.environ.get("PYTHONPATH")])),
-    }
-    env.pop("MLFLOW_RUN_ID", None)  # a child start_run would otherwise resume it instead of nesting
-    return env
+    """A stage process's environment (trial.child_environment: our tracking store, this copy
+    of the package, no MLFLOW_RUN_ID) in the parent run's experiment."""
+    from pipeline import trial
+
+    return {**trial.child_environment(), "MLFLOW_EXPERIMENT_ID": parent.info.experiment_id}
 
 
 def search(options: Mapping[str, object], workers: int, parent: Run, log_dir: Path) -> int:

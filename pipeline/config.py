@@ -104,7 +104,7 @@ ORACLES = ("bayesian", "random", "grid", "hyperband")
 ORACLE = "bayesian"
 MAX_TRIALS = 4
 EPOCHS_PER_TRIAL = 8
-# Below 3e-4 a trial's 8 epochs end near chance here (val 17-33% at 1.1e-4..2.5e-4): no signal.
+# Below 3e-4 a trial's 8 epochs end near chance here (val 26-38% at 1.1e-4..2.5e-4): no signal.
 LEARNING_RATE_RANGE = (3e-4, 3e-3)
 BATCH_SIZES = (16, 32, 64, 128)
 HYPERBAND_FACTOR = 3  # hyperband: epochs_per_trial is max_epochs; max_trials does not apply
