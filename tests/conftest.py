@@ -1,6 +1,7 @@
 """Shared fixtures: an MLflow store under tmp_path, small generated photos, the real archive."""
 
 import base64
+import contextlib
 import io
 import os
 import socket
@@ -25,6 +26,25 @@ def isolated_mlflow_environment(monkeypatch):
     """MLflow 3's set_experiment exports MLFLOW_EXPERIMENT_ID; undo that after every test."""
     for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
+
+
+@contextlib.contextmanager
+def sqlite_store(root: Path, **env: str):
+    """Track to a SQLite store under `root`, working in `root`, with `env` set, until the block
+    ends; yields the tracking URI. For module-scoped stores (a fresh store per test costs seconds)."""
+    import mlflow
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        for name, value in {"MLFLOW_TRACKING_URI": uri, **env}.items():
+            patch.setenv(name, value)
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield uri
+        finally:
+            mlflow.set_tracking_uri(previous)
 
 
 @pytest.fixture

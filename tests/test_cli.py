@@ -7,7 +7,7 @@ parameter and what it may be, and no new MLflow run.
 
 import mlflow
 import pytest
-from conftest import make_tree
+from conftest import make_tree, sqlite_store
 
 from pipeline import build, cli, config, evaluate, ingest, main, onehot, train, tune
 
@@ -142,14 +142,8 @@ def store(tmp_path_factory):
     """One SQLite store for the module (a fresh one per case costs seconds), with a dataset folder
     and a finished run tagged as each of ingest and onehot (to be passed where they do not belong)."""
     root = tmp_path_factory.mktemp("cli")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.setenv("MLFLOW_EXPERIMENT_NAME", "tests")
-        patch.setenv("SIGN_DIGITS_DATA_DIR", str(root / "input_dataset"))
-        mlflow.set_tracking_uri(uri)
+    env = {"MLFLOW_EXPERIMENT_NAME": "tests", "SIGN_DIGITS_DATA_DIR": str(root / "input_dataset")}
+    with sqlite_store(root, **env):
         experiment = mlflow.set_experiment("tests").experiment_id
         values = {"source": str(make_tree(root / "photos")), "tmp": str(root)}
         for stage in ("ingest", "onehot"):
@@ -157,7 +151,6 @@ def store(tmp_path_factory):
                 mlflow.set_tag(config.STAGE_TAG, stage)
             values[stage] = run.info.run_id
         yield values
-    mlflow.set_tracking_uri(previous)
 
 
 def all_runs() -> set[str]:

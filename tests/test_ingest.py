@@ -18,6 +18,11 @@ def run(source, tmp_path, **options):
     return ingest.run(str(source), tmp_path / "out", data_dir=tmp_path / "cache", **options)
 
 
+def skipped_reasons(result) -> dict[str, str]:
+    """Each refused file's path, as skipped.csv gives it, with the reason."""
+    return dict(zip(result.skipped["file"], result.skipped["reason"]))
+
+
 @pytest.mark.parametrize("layout", ["archive", "folders", "flat"])
 def test_every_layout_gives_labels_from_the_layout(tmp_path, layout):
     root = make_tree(tmp_path / "photos", per_class=4, layout=layout)
@@ -100,7 +105,7 @@ def test_identical_content_under_two_labels_is_rejected(tmp_path):
     root = make_tree(tmp_path / "photos", per_class=4, layout="folders")
     (root / "5" / "clash.jpg").write_bytes(photo_bytes(3, 0))
     result = run(root, tmp_path)
-    reasons = dict(zip(result.skipped["file"], result.skipped["reason"]))
+    reasons = skipped_reasons(result)
     assert "labelled [3, 5]" in reasons["5/clash.jpg"]
     assert "labelled [3, 5]" in reasons["3/0.jpg"]
     assert len(result.manifest) == 39
@@ -117,7 +122,7 @@ def test_bad_files_are_skipped_listed_and_the_rest_ingested(tmp_path):
     (root / "12").mkdir()
     (root / "12" / "twelve.jpg").write_bytes(photo_bytes(2, 7))
     result = run(root, tmp_path)
-    reasons = dict(zip(result.skipped["file"], result.skipped["reason"]))
+    reasons = skipped_reasons(result)
     assert "empty" in reasons["1/empty.jpg"]
     assert "not an image" in reasons["2/notes.txt"]
     assert "broken or truncated" in reasons["3/broken.jpg"]
@@ -149,7 +154,7 @@ def test_symlinks_are_followed_only_to_files_inside_the_dataset(tmp_path):
     (root / "8").unlink()
     (tmp_path / "eight").rename(root / "8")
     result = run(root, tmp_path)
-    reasons = dict(zip(result.skipped["file"], result.skipped["reason"]))
+    reasons = skipped_reasons(result)
     for name in ("0/link.jpg", "0/relative.jpg", "0/folder"):
         assert f"{outside.resolve()}" in reasons[name] and "outside the dataset" in reasons[name]
     assert reasons["0/inside-folder"] == "symbolic link to a folder (not followed)"
@@ -167,7 +172,7 @@ def test_a_linked_digit_folder_is_skipped_with_its_reason(tmp_path):
     extra = make_tree(tmp_path / "extra", per_class=1, layout="folders")
     (root / "extra-3").symlink_to(extra / "3", target_is_directory=True)
     result = run(root, tmp_path)
-    reasons = dict(zip(result.skipped["file"], result.skipped["reason"]))
+    reasons = skipped_reasons(result)
     assert "outside the dataset" in reasons["extra-3"]
     assert len(result.manifest) == 40
 
@@ -178,7 +183,7 @@ def test_content_decides_not_the_extension(tmp_path):
     (root / "1" / "really-a-png.JPG").write_bytes(photo_bytes(1, 50, fmt="PNG"))
     (root / "2" / "notes.JPG").write_text("not a photo, just text in a .JPG")
     result = run(root, tmp_path)
-    reasons = dict(zip(result.skipped["file"], result.skipped["reason"]))
+    reasons = skipped_reasons(result)
     assert reasons == {
         "2/notes.JPG": "2/notes.JPG: not an image Pillow can read as one of "
         + ", ".join(config.IMAGE_FORMATS)
@@ -191,7 +196,7 @@ def test_an_image_too_small_to_be_a_photo_is_skipped(tmp_path):
     root = make_tree(tmp_path / "photos", per_class=4, layout="folders")
     Image.new("RGB", (1, 1), (9, 9, 9)).save(root / "3" / "dot.png")
     result = run(root, tmp_path)
-    reasons = dict(zip(result.skipped["file"], result.skipped["reason"]))
+    reasons = skipped_reasons(result)
     assert "1x1 pixels is too small for a photo of a hand" in reasons["3/dot.png"]
     assert len(result.manifest) == 40
 
@@ -203,7 +208,7 @@ def test_a_decompression_bomb_is_skipped_fast_without_decoding(tmp_path):
     started = time.perf_counter()
     result = run(root, tmp_path)
     assert time.perf_counter() - started < 30  # decoding 400 megapixels alone would take longer
-    reasons = dict(zip(result.skipped["file"], result.skipped["reason"]))
+    reasons = skipped_reasons(result)
     assert (
         "20000x20000 pixels exceeds" in reasons["6/bomb.png"] or "decompression bomb" in reasons["6/bomb.png"]
     )
@@ -216,7 +221,7 @@ def test_a_file_over_the_size_limit_is_skipped_unread(tmp_path):
     with open(root / "5" / "huge.jpg", "wb") as sparse:  # takes no disk space
         sparse.truncate(config.MAX_IMAGE_FILE_BYTES + 1)
     result = run(root, tmp_path)
-    reasons = dict(zip(result.skipped["file"], result.skipped["reason"]))
+    reasons = skipped_reasons(result)
     assert reasons["5/huge.jpg"] == (
         f"5/huge.jpg: {config.MAX_IMAGE_FILE_BYTES + 1:,} bytes is over the "
         f"{config.MAX_IMAGE_FILE_BYTES:,}-byte limit for one photo"

@@ -17,7 +17,7 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-from conftest import b64, bomb_png, free_port, photo_bytes, tiny_classifier
+from conftest import b64, bomb_png, free_port, photo_bytes, sqlite_store, tiny_classifier
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -40,13 +40,9 @@ def keras_model() -> keras.Model:
 def store(tmp_path_factory, keras_model):
     """A SQLite store under tmp_path with the tiny model registered as the champion."""
     root = tmp_path_factory.mktemp("serve")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous_uri, previous_tmp = mlflow.get_tracking_uri(), tempfile.tempdir
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
+    previous_tmp = tempfile.tempdir
+    with sqlite_store(root) as uri:
         tempfile.tempdir = str(root)
-        mlflow.set_tracking_uri(uri)
         try:
             experiment = mlflow.create_experiment("serve", artifact_location=(root / "artifacts").as_uri())
             with mlflow.start_run(experiment_id=experiment):
@@ -55,7 +51,6 @@ def store(tmp_path_factory, keras_model):
                 NAME, config.CHAMPION_ALIAS, info.registered_model_version
             )
         finally:
-            mlflow.set_tracking_uri(previous_uri)
             tempfile.tempdir = previous_tmp
     return root, uri
 

@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import b64, bomb_png, photo_bytes, tiny_classifier
+from conftest import b64, bomb_png, photo_bytes, sqlite_store, tiny_classifier
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
@@ -60,18 +60,11 @@ def keras_model() -> keras.Model:
 def served(tmp_path_factory, keras_model):
     """The tiny model logged, registered and loaded back as a pyfunc, once for the module."""
     root = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
+    with sqlite_store(root):
         experiment = mlflow.create_experiment("serving", artifact_location=(root / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment):
             serving.log_model(keras_model, "tiny-digits", example_image=photo_bytes(3, 0))
-        model = mlflow.pyfunc.load_model("models:/tiny-digits/1")
-    mlflow.set_tracking_uri(previous)
-    return model
+        return mlflow.pyfunc.load_model("models:/tiny-digits/1")
 
 
 @pytest.fixture(scope="module")
