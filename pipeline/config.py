@@ -92,6 +92,10 @@ WEIGHT_DECAY = 0.05
 LABEL_SMOOTHING = 0.1
 AUGMENT = True
 BN_MOMENTUM = 0.9  # Keras' 0.99 lags far behind the weights in ~20-step epochs
+# Stochastic weight averaging (Izmailov et al. 2018, arXiv:1803.05407): the model is the mean of
+# the weights after each of the schedule's last SWA_EPOCHS epochs, its batch-norm statistics
+# then recomputed, when the run trains them all; 0 turns it off.
+SWA_EPOCHS = 10
 # Light augmentation that keeps a digit's meaning: no flips (a mirrored hand is another sign).
 AUGMENTATION = {"rotation": 0.05, "zoom": 0.1, "translation": 0.1, "contrast": 0.15, "brightness": 0.1}
 # Distribution: `multiworker` is tf.distribute.MultiWorkerMirroredStrategy driven by TF_CONFIG.

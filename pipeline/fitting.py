@@ -174,6 +174,54 @@ class EpochLogger(keras.callbacks.Callback):
         return len(missing)
 
 
+class WeightAverage(keras.callbacks.Callback):
+    """The running mean of the weights after each of the last `count` epochs of an
+    `epochs`-epoch schedule (stochastic weight averaging; config.SWA_EPOCHS).
+
+    `mean` is None until the first of those epochs has ended; `complete` says whether the
+    run trained all of them (an early stop leaves the mean incomplete). Place it before
+    `EpochLogger`, whose backup saves the mean with the epoch.
+    """
+
+    def __init__(self, epochs: int, count: int = config.SWA_EPOCHS):
+        super().__init__()
+        self.epochs = epochs
+        self.first = max(0, epochs - count)
+        self.mean: list[np.ndarray] | None = None
+        self.count = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch < self.first:
+            return
+        weights = self.model.get_weights()
+        self.count += 1
+        if self.mean is None:
+            self.mean = [np.array(w, dtype=np.float32) for w in weights]
+        else:
+            for mean, w in zip(self.mean, weights):
+                mean += (w - mean) / self.count
+
+    @property
+    def complete(self) -> bool:
+        return self.mean is not None and self.count == self.epochs - self.first
+
+
+def reestimate_batch_norm(model: keras.Model, data) -> None:
+    """Set every batch norm's moving mean and variance to their average over the batches of
+    `data` ((images, labels) batches), as the weights now are: averaged weights were never
+    trained with the statistics their batch norms hold."""
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [norm.momentum for norm in norms]
+    try:
+        for batches, (images, _) in enumerate(data, start=1):
+            for norm in norms:
+                norm.momentum = 1 - 1 / batches  # a cumulative mean: the first batch replaces all
+            model(images, training=True)  # eager: each call reads the momentum set here
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+
+
 class Backup(keras.callbacks.Callback):
     """The training state after every epoch, in `folder`, so that a killed run continues.
 
@@ -184,16 +232,24 @@ class Backup(keras.callbacks.Callback):
     leaves the previous epoch's state intact. Placed after the early stopper in the
     callback list, it restores everything at the start of `fit` (Keras' own
     BackupAndRestore overwrites its files in place and forgets the early stopper's state).
+    With `average` (a WeightAverage), its running mean is saved and restored too.
     Pass `initial_epoch()` to `fit`. Not for tf.distribute strategies.
     """
 
     STATE = "state.json"
-    VERSION = 1
+    VERSION = 2
 
-    def __init__(self, folder: Path, stopper: keras.callbacks.EarlyStopping | None = None, run_id: str = ""):
+    def __init__(
+        self,
+        folder: Path,
+        stopper: keras.callbacks.EarlyStopping | None = None,
+        run_id: str = "",
+        average: WeightAverage | None = None,
+    ):
         super().__init__()
         self.folder = Path(folder)
         self.stopper = stopper
+        self.average = average
         self.run_id = run_id
         self.state = self.read(self.folder)
         if self.folder.is_dir():
@@ -235,8 +291,11 @@ class Backup(keras.callbacks.Callback):
             for name in ("wait", "stopped_epoch", "best", "best_epoch"):
                 setattr(self.stopper, name, stopper[name])
             if stopper["best_weights"]:
-                with np.load(self.folder / stopper["best_weights"]) as saved:
-                    self.stopper.best_weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+                self.stopper.best_weights = _load_arrays(self.folder / stopper["best_weights"])
+        average = self.state["average"]
+        if self.average is not None and average:
+            self.average.mean = _load_arrays(self.folder / average["file"])
+            self.average.count = average["count"]
         log.info("continuing from the backup in %s after epoch %d", self.folder, self.state["epoch"])
 
     def save(self, model: keras.Model, rows: list[dict]) -> None:
@@ -253,6 +312,7 @@ class Backup(keras.callbacks.Callback):
             "stopped": bool(model.stop_training),
             "weights": weights,
             "stopper": self._save_stopper(),
+            "average": self._save_average(epoch),
             "rows": rows,
         }
         files.write_text(self.folder / self.STATE, json.dumps(state, indent=1))
@@ -277,10 +337,23 @@ class Backup(keras.callbacks.Callback):
             "best_weights": best_weights,
         }
 
+    def _save_average(self, epoch: int) -> dict | None:
+        if self.average is None or self.average.mean is None:
+            return None
+        name = f"average-{epoch:04d}.npz"
+        with files.replacing(self.folder / name) as temporary:
+            np.savez(temporary, *self.average.mean)
+        return {"file": name, "count": self.average.count}
+
     def _remove_unreferenced(self) -> None:
         keep = set()
         if self.state:
-            keep = {self.STATE, self.state["weights"], (self.state["stopper"] or {}).get("best_weights")}
+            keep = {
+                self.STATE,
+                self.state["weights"],
+                (self.state["stopper"] or {}).get("best_weights"),
+                (self.state["average"] or {}).get("file"),
+            }
         for path in self.folder.iterdir():
             if path.name not in keep:
                 path.unlink(missing_ok=True)
@@ -288,6 +361,11 @@ class Backup(keras.callbacks.Callback):
     def delete(self) -> None:
         """Remove the folder: the run has finished and its results are logged."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _load_arrays(path: Path) -> list[np.ndarray]:
+    with np.load(path) as saved:
+        return [saved[f"arr_{i}"] for i in range(len(saved.files))]
 
 
 def current_learning_rate(optimizer) -> float:
@@ -303,6 +381,7 @@ def recipe() -> list:
         config.LABEL_SMOOTHING,
         config.BN_MOMENTUM,
         config.AUGMENTATION,
+        config.SWA_EPOCHS,
     ]
 
 

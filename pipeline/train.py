@@ -55,9 +55,12 @@ def run(
     """Train a fresh ResNet50 on `arrays` (from data.load), logging each epoch to `run_id`.
 
     Stops early on validation accuracy (never before `min_epochs`) with the best
-    weights restored. Writes the history and learning curves to `out_dir`;
-    returns the model and the history table (one row per epoch, every epoch since the
-    first), whose `kept` column marks the epoch whose weights the model has.
+    weights restored. A run that trains all `epochs` ends instead with the mean of the
+    weights of its last config.SWA_EPOCHS epochs, batch-norm statistics recomputed on the
+    training images. Writes the history and learning curves to `out_dir`; returns the
+    model, the history table (one row per epoch, every epoch since the first) whose `kept`
+    column marks the epochs whose weights the model has, and a dict of what was kept
+    (`val_accuracy`, the last kept `epoch` counted from 1, `averaged_epochs`).
 
     With `backup_dir`, the training state is saved there after every epoch, and a
     backup found there is continued: its epochs are not trained again, early stopping
@@ -81,11 +84,13 @@ def run(
         model = fitting.new_model(x_train.shape[1], y_train.shape[1])
         fitting.compile_model(model, learning_rate, fitting.steps(len(x_train), batch_size), epochs)
     stopper = fitting.early_stopping(patience, min_epochs)
+    # Not under a strategy: each worker would average and re-estimate on its own.
+    average = fitting.WeightAverage(epochs) if config.SWA_EPOCHS and strategy is None else None
     lock = contextlib.nullcontext()
     if backup_dir:
         lock = files.locked(Path(f"{backup_dir}.lock"), f"the training backup {backup_dir}")
     with lock:
-        backup = fitting.Backup(backup_dir, stopper, run_id) if backup_dir else None
+        backup = fitting.Backup(backup_dir, stopper, run_id, average) if backup_dir else None
         logger = fitting.EpochLogger(run_id, len(x_train), backup=backup)
         initial_epoch = backup.initial_epoch(epochs) if backup else 0
         if initial_epoch:
@@ -94,23 +99,36 @@ def run(
         log.info(
             "training %d images for up to %d epochs (%s, batch %d)", len(x_train), epochs, policy, batch_size
         )
+        validation = data.dataset(arrays["x_val"], arrays["y_val"], max(batch_size, 128))
+        # The logger has the backup save the stopper's state and the average, so it comes after them.
+        callbacks = [callback for callback in (stopper, average, logger, backup) if callback is not None]
         model.fit(
             data.dataset(x_train, y_train, batch_size, training=True, augment=augment, seed=seed),
-            validation_data=data.dataset(arrays["x_val"], arrays["y_val"], max(batch_size, 128)),
+            validation_data=validation,
             epochs=epochs,
             initial_epoch=initial_epoch,
-            # The logger has the backup save the stopper's state, so it comes after the stopper.
-            callbacks=[stopper, logger, backup] if backup else [stopper, logger],
+            callbacks=callbacks,
             shuffle=False,  # the dataset shuffles itself
             verbose=0,
         )
     table = pd.DataFrame(logger.rows).drop(columns="timestamp")
-    kept = stopper.best_epoch if stopper.best_weights is not None else int(table["epoch"].iloc[-1])
-    table["kept"] = table["epoch"] == kept
+    if average is not None and average.complete:
+        model.set_weights(average.mean)
+        fitting.reestimate_batch_norm(model, data.dataset(x_train, y_train, batch_size))
+        table["kept"] = table["epoch"] >= average.first
+        averaged = average.count
+        val_accuracy = float(model.evaluate(validation, verbose=0, return_dict=True)["accuracy"])
+        log.info("averaged the weights of the last %d epochs: val_accuracy %.4f", average.count, val_accuracy)
+    else:
+        kept = stopper.best_epoch if stopper.best_weights is not None else int(table["epoch"].iloc[-1])
+        table["kept"] = table["epoch"] == kept
+        averaged = 0
+        val_accuracy = float(table.loc[table["kept"], "val_accuracy"].iloc[0])
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / config.HISTORY_FILE, index=False)
     plot_curves(table, out_dir / config.CURVES_FILE)
-    return model, table
+    last_kept = int(table.loc[table["kept"], "epoch"].iloc[-1])
+    return model, table, {"val_accuracy": val_accuracy, "epoch": last_kept + 1, "averaged_epochs": averaged}
 
 
 def check_params(learning_rate, batch_size, epochs, patience, min_epochs) -> None:
@@ -351,14 +369,14 @@ def main(argv: list[str] | None = None) -> None:
 
         arrays = data.load(onehot_run)
         out_dir = Path(tmp) / config.TRAIN_ARTIFACT
-        model, history = run(
+        model, history, kept = run(
             arrays, out_dir, active.info.run_id, backup_dir=backup_dir, strategy=strategy, **options
         )
-        best = int(history.index[history["kept"]][0])
         mlflow.log_metrics(
             {
-                "kept_val_accuracy": float(history["val_accuracy"][best]),
-                "kept_epoch": best + 1,
+                "kept_val_accuracy": kept["val_accuracy"],
+                "kept_epoch": kept["epoch"],
+                "averaged_epochs": kept["averaged_epochs"],
                 "epochs_trained": len(history),
             }
         )
@@ -373,9 +391,11 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
         log.info(
-            "kept epoch %d (val_accuracy %.4f); registered %s version %s",
-            best + 1,
-            history["val_accuracy"][best],
+            "kept %s (val_accuracy %.4f); registered %s version %s",
+            f"the mean of {kept['averaged_epochs']} epochs to epoch {kept['epoch']}"
+            if kept["averaged_epochs"]
+            else f"epoch {kept['epoch']}",
+            kept["val_accuracy"],
             args.model_name,
             info.registered_model_version,
         )

@@ -168,3 +168,87 @@ def test_a_damaged_backup_is_ignored_and_cleared(tmp_path, caplog):
     assert backup.state is None and backup.initial_epoch(10) == 0
     assert "unreadable backup" in caplog.text
     assert list(folder.iterdir()) == []
+
+
+# weight averaging
+
+
+def toy_data(count=16):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (count, 8, 8, 3)).astype("float32")
+    return x, np.eye(10, dtype="float32")[rng.integers(0, 10, count)]
+
+
+class WeightsAtEpochEnd(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights.append(self.model.get_weights())
+
+
+def test_weight_average_is_the_mean_of_the_last_epochs_weights():
+    keras.utils.set_random_seed(0)
+    model = fitting.compile_model(tiny_model(), learning_rate=3e-2, steps_per_epoch=2, epochs=5)
+    average, seen = fitting.WeightAverage(epochs=5, count=3), WeightsAtEpochEnd()
+    model.fit(*toy_data(), batch_size=8, epochs=5, verbose=0, callbacks=[average, seen])
+    assert average.complete and average.count == 3 and average.first == 2
+    expected = [np.mean(layer, axis=0) for layer in zip(*seen.weights[2:])]
+    assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(average.mean, expected))
+    assert not np.allclose(expected[0], seen.weights[-1][0])  # the weights did move
+
+
+def test_an_early_stop_leaves_the_average_incomplete():
+    average = fitting.WeightAverage(epochs=10, count=4)
+    average.set_model(tiny_model())
+    for epoch in range(8):  # stopped after 8 of 10 epochs: only 2 of the last 4 averaged
+        average.on_epoch_end(epoch)
+    assert average.count == 2 and not average.complete
+
+
+def test_batch_norm_statistics_are_reestimated_as_the_mean_over_the_data():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.BatchNormalization(momentum=0.99)(inputs))
+    rng = np.random.default_rng(1)
+    batches = [rng.normal(loc, 2.0, (32, 3)).astype("float32") for loc in (5.0, -1.0, 2.0)]
+    fitting.reestimate_batch_norm(model, [(batch, None) for batch in batches])
+    norm = model.layers[-1]
+    assert np.allclose(
+        norm.moving_mean.numpy(), np.mean([b.mean(axis=0) for b in batches], axis=0), atol=1e-5
+    )
+    assert np.allclose(
+        norm.moving_variance.numpy(), np.mean([b.var(axis=0) for b in batches], axis=0), rtol=1e-4
+    )
+    assert norm.momentum == 0.99
+
+
+def test_a_backup_keeps_the_running_average_across_a_kill(mlflow_store, tmp_path):
+    def fit(run_id, interrupt_at=None):
+        keras.utils.set_random_seed(0)
+        model = fitting.compile_model(tiny_model(), learning_rate=3e-2, steps_per_epoch=2, epochs=6)
+        average = fitting.WeightAverage(epochs=6, count=4)
+        backup = fitting.Backup(tmp_path / "backup", None, run_id, average)
+        logger = fitting.EpochLogger(run_id, 16, backup=backup)
+        extra = [Interrupt(interrupt_at)] if interrupt_at is not None else []
+        model.fit(
+            *toy_data(),
+            batch_size=8,
+            epochs=6,
+            initial_epoch=backup.initial_epoch(6),
+            shuffle=False,
+            verbose=0,
+            callbacks=[average, logger, backup, *extra],
+        )
+        return average
+
+    with mlflow.start_run() as whole:
+        reference = fit(whole.info.run_id)
+    fitting.Backup(tmp_path / "backup").delete()
+    with mlflow.start_run() as run:
+        with pytest.raises(KeyboardInterrupt):
+            fit(run.info.run_id, interrupt_at=4)  # after 2 of the 4 averaged epochs
+        assert fitting.Backup.read(tmp_path / "backup")["average"]["count"] == 2
+        continued = fit(run.info.run_id)
+    assert continued.complete and continued.count == 4
+    assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(continued.mean, reference.mean))

@@ -40,7 +40,7 @@ def test_impossible_parameters_are_named(options, name):
 @pytest.mark.slow
 def test_run_trains_logs_each_epoch_and_writes_curves(mlflow_store, tiny_arrays, tmp_path):
     with mlflow.start_run() as run:
-        model, history = train.run(
+        model, history, kept = train.run(
             tiny_arrays,
             tmp_path / "out",
             run.info.run_id,
@@ -50,6 +50,9 @@ def test_run_trains_logs_each_epoch_and_writes_curves(mlflow_store, tiny_arrays,
             precision="float32",
         )
     assert list(history["epoch"]) == [0, 1]
+    # Both epochs trained lie in the averaging window: the model is their mean.
+    assert history["kept"].all() and kept["averaged_epochs"] == 2 and kept["epoch"] == 2
+    assert 0 <= kept["val_accuracy"] <= 1
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history.columns)
     assert (tmp_path / "out" / config.CURVES_FILE).stat().st_size > 1000
     assert pd.read_csv(tmp_path / "out" / config.HISTORY_FILE).shape[0] == 2
