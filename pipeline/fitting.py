@@ -206,17 +206,26 @@ class WeightAverage(keras.callbacks.Callback):
         return self.mean is not None and self.count == self.epochs - self.first
 
 
-def reestimate_batch_norm(model: keras.Model, data) -> None:
-    """Set every batch norm's moving mean and variance to their average over the batches of
-    `data` ((images, labels) batches), as the weights now are: averaged weights were never
-    trained with the statistics their batch norms hold."""
+def reestimate_batch_norm(
+    model: keras.Model, images: np.ndarray, batch_size: int, seed: int = config.SEED
+) -> None:
+    """Set every batch norm's moving mean and variance to their average over `images` in
+    shuffled batches, as the weights now are: averaged weights were never trained with the
+    statistics their batch norms hold. Shuffled, because batches of one class (the training
+    split is stored class by class) hold only that class's variance."""
     norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     momenta = [norm.momentum for norm in norms]
+    order = np.random.default_rng(seed).permutation(len(images))
+    seen = 0
     try:
-        for batches, (images, _) in enumerate(data, start=1):
+        for start in range(0, len(images), batch_size):
+            batch = np.asarray(images[order[start : start + batch_size]], dtype=np.float32)
+            seen += len(batch)
             for norm in norms:
-                norm.momentum = 1 - 1 / batches  # a cumulative mean: the first batch replaces all
-            model(images, training=True)  # eager: each call reads the momentum set here
+                norm.momentum = (
+                    1 - len(batch) / seen
+                )  # a running mean over images: the first batch replaces all
+            model(batch, training=True)  # eager: each call reads the momentum set here
     finally:
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum

@@ -114,7 +114,7 @@ def run(
     table = pd.DataFrame(logger.rows).drop(columns="timestamp")
     if average is not None and average.complete:
         model.set_weights(average.mean)
-        fitting.reestimate_batch_norm(model, data.dataset(x_train, y_train, batch_size))
+        fitting.reestimate_batch_norm(model, x_train, batch_size, seed)
         table["kept"] = table["epoch"] >= average.first
         averaged = average.count
         val_accuracy = float(model.evaluate(validation, verbose=0, return_dict=True)["accuracy"])
