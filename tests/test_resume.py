@@ -39,14 +39,26 @@ def store(mlflow_store, tmp_path, monkeypatch):
 
 
 def start(command: list[str], log: Path) -> subprocess.Popen:
-    """Start a command in a session of its own (so that signals reach only its processes)."""
+    """Start a command in a session of its own (so that signals reach only its processes),
+    with Ctrl-C's default action, whatever this process inherited."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
         env.pop(name, None)
     with open(log, "a") as out:
         return subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=hear_ctrl_c,
         )
+
+
+def hear_ctrl_c() -> None:
+    # A shell starts background jobs (`make test &`, nohup) with SIGINT ignored, and children
+    # inherit that: the stage would never see the Ctrl-C these tests send.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def stage(name: str, *options: str, log: Path) -> subprocess.Popen:
