@@ -221,10 +221,9 @@ def reestimate_batch_norm(
         for start in range(0, len(images), batch_size):
             batch = np.asarray(images[order[start : start + batch_size]], dtype=np.float32)
             seen += len(batch)
+            # A running mean over the images so far: the first batch replaces what was there.
             for norm in norms:
-                norm.momentum = (
-                    1 - len(batch) / seen
-                )  # a running mean over images: the first batch replaces all
+                norm.momentum = 1 - len(batch) / seen
             model(batch, training=True)  # eager: each call reads the momentum set here
     finally:
         for norm, momentum in zip(norms, momenta):
