@@ -12,7 +12,9 @@ Variants, each in a fresh process:
   pipeline with augmentation, at batch N;
 - reference-predict: the reference model's `predict` on 64 preprocessed 64x64 images;
 - project-predict: the registered pyfunc, loaded with mlflow.pyfunc.load_model, on 64 raw JPEG
-  photos (decoding and preprocessing included).
+  photos (decoding and preprocessing included), as served by default: test-time augmentation,
+  5 forward passes a photo;
+- project-predict-single: the same with `test_time_augmentation` off (one forward pass a photo).
 
 Each variant warms up first (tracing, oneDNN primitive creation), then times `--repeat`
 repetitions: an epoch of `--steps` steps for training, one call for inference. Prints median,
@@ -130,7 +132,7 @@ def jpeg_photos(count: int) -> list[bytes]:
     return photos
 
 
-def project_predict(repeat: int) -> list[float]:
+def project_predict(repeat: int, params: dict | None = None) -> list[float]:
     """The pyfunc as the registry hands it out, logged to a throw-away SQLite store."""
     import mlflow
     import pandas as pd
@@ -146,7 +148,7 @@ def project_predict(repeat: int) -> list[float]:
             info = serving.log_model(model, "benchmark", jpeg_photos(1)[0])
         served = mlflow.pyfunc.load_model(info.model_uri)
         batch = pd.DataFrame({"image": jpeg_photos(PREDICT_BATCH)})
-        return time_calls(lambda: served.predict(batch), repeat)
+        return time_calls(lambda: served.predict(batch, params), repeat)
 
 
 def run_child(variant: str, steps: int, repeat: int) -> dict:
@@ -160,6 +162,8 @@ def run_child(variant: str, steps: int, repeat: int) -> dict:
         seconds, images = reference_predict(repeat), PREDICT_BATCH
     elif variant == "project-predict":
         seconds, images = project_predict(repeat), PREDICT_BATCH
+    elif variant == "project-predict-single":
+        seconds, images = project_predict(repeat, {"test_time_augmentation": False}), PREDICT_BATCH
     else:
         raise SystemExit(f"unknown variant {variant!r}")
     rates = [images / s for s in seconds]
@@ -200,6 +204,7 @@ def ratios(rows: dict[str, dict], batch_size: int) -> dict[str, float]:
             f"reference-train-b{batch_size}",
         ),
         "predict: project pyfunc / reference predict": ("project-predict", "reference-predict"),
+        "predict: project pyfunc, one view / reference": ("project-predict-single", "reference-predict"),
     }
     return {name: rate[a] / rate[b] for name, (a, b) in pairs.items() if a in rate and b in rate}
 
@@ -250,7 +255,7 @@ def main() -> None:
 
     batch = config.BATCH_SIZE
     variants = sorted({"reference-train-b32", f"reference-train-b{batch}", "project-train-b32"})
-    variants += [f"project-train-b{batch}", "reference-predict", "project-predict"]
+    variants += [f"project-train-b{batch}", "reference-predict", "project-predict", "project-predict-single"]
     rows = {}
     for variant in dict.fromkeys(args.variants or variants):
         rows[variant] = measure(variant, args.steps, args.repeat)

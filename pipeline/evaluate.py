@@ -60,9 +60,13 @@ def run(model_uri: str, x_test: np.ndarray, y_test: np.ndarray, out_dir: Path) -
 
     Writes the per-class report, the confusion matrix, the gallery of mistakes and
     every prediction to `out_dir`; returns test_accuracy, test_loss, macro_f1 and
-    num_misclassified. Raises PipelineError when the URI does not load or the
-    arrays do not match.
+    num_misclassified, and for a model of this pipeline how closely it follows its Keras
+    model and, when it answers with test-time augmentation, test_accuracy_single_view
+    (the photo alone). Raises PipelineError when the URI does not load or the arrays do
+    not match.
     """
+    from pipeline import serving  # TensorFlow: not imported before the arguments are checked
+
     check_split(x_test, y_test)
     served = load_model(model_uri)
     predictions = predict(served, x_test)
@@ -70,6 +74,9 @@ def run(model_uri: str, x_test: np.ndarray, y_test: np.ndarray, out_dir: Path) -
     predicted = predictions["digit"].to_numpy(dtype=np.int64)
     confidence = predictions["confidence"].to_numpy(dtype=np.float64)
     metrics = {**score(y_test, predicted, probabilities), **agreement(served, x_test, probabilities)}
+    if getattr(served.unwrap_python_model(), "test_time_shift", 0):
+        single = predict(served, x_test, {serving.TEST_TIME_AUGMENTATION: False})["digit"].to_numpy()
+        metrics["test_accuracy_single_view"] = float(np.mean(single == y_test))
     # Write
     out_dir.mkdir(parents=True, exist_ok=True)
     per_class(y_test, predicted).to_csv(out_dir / config.REPORT_FILE, index=False)
@@ -80,16 +87,27 @@ def run(model_uri: str, x_test: np.ndarray, y_test: np.ndarray, out_dir: Path) -
 
 
 def agreement(served: mlflow.pyfunc.PyFuncModel, x: np.ndarray, probabilities: np.ndarray) -> dict:
-    """How closely the served model (batch norms folded, bf16 where native) follows the trained
-    float32 Keras model it was made from: share of equal top-1 digits and the largest gap
-    between probabilities. Empty for a pyfunc that is not ours."""
-    keras_file = getattr(served.unwrap_python_model(), "keras_file", None)
+    """How closely the served model (batch norms folded, in config.SERVING_PRECISION) follows the
+    trained float32 Keras model it was made from, over the same shifted views: share of equal
+    top-1 digits and the largest gap between probabilities. Empty for a pyfunc that is not ours."""
+    python_model = served.unwrap_python_model()
+    keras_file = getattr(python_model, "keras_file", None)
     if keras_file is None:
         return {}
     import keras
 
+    from pipeline import serving
+
     trained = keras.saving.load_model(keras_file, compile=False)
-    expected = trained.predict(x.astype(np.float32), batch_size=config.PREDICT_CHUNK_SIZE, verbose=0)
+
+    def keras_predict(batch):
+        return trained.predict(batch, batch_size=config.PREDICT_CHUNK_SIZE, verbose=0)
+
+    shift = getattr(python_model, "test_time_shift", 0)
+    pixels = x.astype(np.float32)
+    expected = np.asarray(
+        serving.mean_over_views(keras_predict, pixels, shift) if shift else keras_predict(pixels)
+    )
     return {
         "served_top1_agreement": float(np.mean(expected.argmax(axis=1) == probabilities.argmax(axis=1))),
         "served_max_probability_gap": float(np.abs(expected - probabilities).max()),
@@ -117,10 +135,10 @@ def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
         ) from None
 
 
-def predict(model: mlflow.pyfunc.PyFuncModel, x: np.ndarray) -> pd.DataFrame:
+def predict(model: mlflow.pyfunc.PyFuncModel, x: np.ndarray, params: dict | None = None) -> pd.DataFrame:
     """The pyfunc's predictions for every image, in batches the served model accepts."""
     parts = [
-        model.predict(pd.DataFrame({"image": list(x[start : start + config.MAX_PREDICT_BATCH])}))
+        model.predict(pd.DataFrame({"image": list(x[start : start + config.MAX_PREDICT_BATCH])}), params)
         for start in range(0, len(x), config.MAX_PREDICT_BATCH)
     ]
     predictions = pd.concat(parts, ignore_index=True)

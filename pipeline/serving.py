@@ -21,6 +21,10 @@ list of arrays or a 4-D array, and spreads a list of nested lists over columns.
 
 The answer has one row per photo, in order: `digit` (int64), `confidence`
 (float64, the largest probability) and `p0` ... `p9` (float64 probabilities).
+The probabilities are the mean over the photo and four copies of it shifted by
+a few pixels (test-time augmentation, `config.TEST_TIME_SHIFT`): 5 forward
+passes a photo. `model.predict(photos, params={"test_time_augmentation": False})`
+gives the network's answer on the photo alone, 5 times faster.
 
 HTTP, `mlflow models serve -m models:/sign-digits-resnet50@champion`: POST
 /invocations with `Content-Type: application/json` and one of
@@ -29,6 +33,8 @@ HTTP, `mlflow models serve -m models:/sign-digits-resnet50@champion`: POST
     {"dataframe_records": [{"image": "<base64>"}, {"image": [[[0, 0, 0], ...], ...]}]}
     {"inputs": ["<base64>", "<base64>"]}
     {"instances": ["<base64>", "<base64>"]}
+
+and optionally `"params": {"test_time_augmentation": false}` beside the data.
 
 Send pixels (nested lists of rows of [r, g, b] or of grey values) in the two
 dataframe shapes: under "inputs" MLflow splits each photo into its rows. The
@@ -60,7 +66,7 @@ from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
-from mlflow.types.schema import AnyType
+from mlflow.types.schema import AnyType, ParamSchema, ParamSpec
 from PIL import Image
 
 from pipeline import config, images
@@ -70,6 +76,8 @@ log = logging.getLogger(__name__)
 
 KERAS_ARTIFACT = "keras_model"
 KERAS_FILE = "model.keras"
+TEST_TIME_SHIFT_KEY = "test_time_shift"  # in the logged model's model_config
+TEST_TIME_AUGMENTATION = "test_time_augmentation"  # the predict parameter
 PACKAGE_DIR = Path(__file__).resolve().parent
 # What loading the served model imports; pinned to the versions it was logged with.
 SERVING_PACKAGES = ("mlflow", "tensorflow", "keras", "numpy", "pandas", "pillow")
@@ -96,22 +104,64 @@ class SignDigitsModel(mlflow.pyfunc.PythonModel):
             raise PipelineError(f"the served model needs square RGB input; got {self.model.input_shape}")
         self.image_size = int(height)
         self.num_classes = int(self.model.output_shape[-1])
+        # Models logged before test-time augmentation have no model_config: they answer as before.
+        self.test_time_shift = int((context.model_config or {}).get(TEST_TIME_SHIFT_KEY, 0))
         spec = tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.float32)
-        self._infer = tf.function(lambda pixels: self.model(pixels, training=False), input_signature=[spec])
-        log.info("loaded a %dx%d model with %d classes", self.image_size, self.image_size, self.num_classes)
+
+        def forward(pixels):
+            return self.model(pixels, training=False)
+
+        self._infer = tf.function(forward, input_signature=[spec])
+        self._infer_shifted = tf.function(
+            lambda pixels: mean_over_views(forward, pixels, self.test_time_shift), input_signature=[spec]
+        )
+        log.info(
+            "loaded a %dx%d model with %d classes; test-time shift %d pixels",
+            self.image_size,
+            self.image_size,
+            self.num_classes,
+            self.test_time_shift,
+        )
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """One row per photo: digit, confidence, p0..p{k-1}; MlflowException for bad input.
 
         Through MLflow `model_input` is always a DataFrame (its schema check makes one);
         called directly it may also be a list, a dict or a 4-D array (see `photos`).
+        `params`: {"test_time_augmentation": False} answers from the photo alone.
         """
+        shifted = test_time_augmentation(params) and self.test_time_shift > 0
+        infer = self._infer_shifted if shifted else self._infer
         pixels = build_batch(model_input, self.image_size)
         chunks = [
-            self._infer(tf.constant(pixels[start : start + config.PREDICT_CHUNK_SIZE], tf.float32)).numpy()
+            infer(tf.constant(pixels[start : start + config.PREDICT_CHUNK_SIZE], tf.float32)).numpy()
             for start in range(0, len(pixels), config.PREDICT_CHUNK_SIZE)
         ]
         return predictions_frame(np.concatenate(chunks))
+
+
+def test_time_augmentation(params: dict | None) -> bool:
+    """The predict parameter `test_time_augmentation` (default true); MlflowException unless a bool."""
+    unknown = set(params or {}) - {TEST_TIME_AUGMENTATION}
+    if unknown:
+        raise invalid(f"unknown parameters {sorted(unknown)}; the one parameter is {TEST_TIME_AUGMENTATION}")
+    value = (params or {}).get(TEST_TIME_AUGMENTATION, True)
+    if not isinstance(value, (bool, np.bool_)):
+        raise invalid(f"{TEST_TIME_AUGMENTATION} must be true or false; got {value!r}")
+    return bool(value)
+
+
+def shifted_views(pixels, shift: int):
+    """A batch (N, H, W, C) and its copies shifted by `shift` pixels down, right, up and left
+    (what leaves one side comes back on the other), as one (5N, H, W, C) batch, view by view."""
+    rolled = [tf.roll(pixels, offset, axis) for offset in (shift, -shift) for axis in (1, 2)]
+    return tf.concat([pixels, *rolled], axis=0)
+
+
+def mean_over_views(predict, pixels, shift: int):
+    """`predict` (a batch in, probabilities out) averaged over `shifted_views(pixels, shift)`."""
+    probabilities = predict(shifted_views(pixels, shift))
+    return tf.reduce_mean(tf.reshape(probabilities, (5, tf.shape(pixels)[0], -1)), axis=0)
 
 
 def inference_model(model: keras.Model) -> keras.Model:
@@ -277,7 +327,8 @@ def log_model(
     registered_model_name: str | None = config.MODEL_NAME,
     example_image: bytes | None = None,
 ) -> ModelInfo:
-    """Log `keras_model` as a pyfunc `SignDigitsModel` (float32, no optimizer) in the active run.
+    """Log `keras_model` as a pyfunc `SignDigitsModel` (float32, no optimizer) in the active run,
+    answering with test-time augmentation (config.TEST_TIME_SHIFT) unless a request turns it off.
 
     Registers a new version of `registered_model_name` unless it is None.
     `example_image` (encoded JPEG/PNG bytes) becomes the input example; by default a
@@ -299,6 +350,7 @@ def log_model(
             signature=signature(int(model.output_shape[-1])),
             input_example=example,
             pip_requirements=requirements(),
+            model_config={TEST_TIME_SHIFT_KEY: config.TEST_TIME_SHIFT},
             registered_model_name=registered_model_name,
         )
 
@@ -325,10 +377,12 @@ def _float32_config(node):
 
 
 def signature(num_classes: int = config.NUM_CLASSES) -> ModelSignature:
-    """One unnamed column of any type in; digit, confidence and p0..p{k-1} out."""
+    """One unnamed column of any type in; digit, confidence and p0..p{k-1} out; one parameter,
+    `test_time_augmentation` (default true)."""
     outputs = [ColSpec("long", "digit"), ColSpec("double", "confidence")]
     outputs += [ColSpec("double", f"p{k}") for k in range(num_classes)]
-    return ModelSignature(inputs=Schema([ColSpec(AnyType())]), outputs=Schema(outputs))
+    params = ParamSchema([ParamSpec(TEST_TIME_AUGMENTATION, "boolean", True)])
+    return ModelSignature(inputs=Schema([ColSpec(AnyType())]), outputs=Schema(outputs), params=params)
 
 
 def requirements() -> list[str]:

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline import config
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,6 +163,15 @@ def tiny_classifier():
     x = layers.Conv2D(4, 3, activation="relu")(x)
     x = layers.GlobalAveragePooling2D()(x)
     return keras.Model(inputs, layers.Dense(10, activation="softmax")(x))
+
+
+def expected_probabilities(model, batch: np.ndarray, shift: int = config.TEST_TIME_SHIFT) -> np.ndarray:
+    """The Keras model's probabilities, averaged over the batch and its copies rolled `shift` pixels
+    down, right, up and left (test-time augmentation; shift 0: the batch alone)."""
+    batch = batch.astype(np.float32)
+    offsets = (shift, -shift) if shift else ()
+    views = [batch, *(np.roll(batch, offset, axis) for offset in offsets for axis in (1, 2))]
+    return np.mean([np.asarray(model(view, training=False), dtype=np.float64) for view in views], axis=0)
 
 
 def b64(data: bytes) -> str:

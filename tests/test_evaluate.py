@@ -154,6 +154,7 @@ def test_run_on_a_perfect_model_draws_a_note_instead_of_a_gallery(mlflow_store, 
     assert metrics["test_accuracy"] == 1.0 and metrics["num_misclassified"] == 0
     assert metrics["macro_f1"] == 1.0 and metrics["test_loss"] < 1e-3
     assert metrics["served_top1_agreement"] == 1.0 and metrics["served_max_probability_gap"] < 1e-5
+    assert metrics["test_accuracy_single_view"] == 1.0  # a mean colour does not move with a shift
     with Image.open(tmp_path / "out" / config.MISTAKES_FILE) as note:
         assert note.height < 200
 

@@ -17,7 +17,15 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-from conftest import b64, bomb_png, free_port, photo_bytes, sqlite_store, tiny_classifier
+from conftest import (
+    b64,
+    bomb_png,
+    expected_probabilities,
+    free_port,
+    photo_bytes,
+    sqlite_store,
+    tiny_classifier,
+)
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -158,8 +166,7 @@ PIXELS = [np.random.default_rng(0).integers(0, 256, (48, 40, 3)), np.full((40, 5
 def test_base64_photos_in_every_json_shape(server, keras_model, body):
     rows = predictions(server, body)
     assert [list(row) for row in rows] == [COLUMNS] * len(PHOTOS)
-    batch = np.stack([images.preprocess(photo) for photo in PHOTOS]).astype(np.float32)
-    want = np.asarray(keras_model(batch, training=False))
+    want = expected_probabilities(keras_model, np.stack([images.preprocess(photo) for photo in PHOTOS]))
     np.testing.assert_allclose(probabilities(rows), want, atol=1e-5)
     assert [row["digit"] for row in rows] == list(want.argmax(axis=1))
     assert [row["confidence"] for row in rows] == pytest.approx(list(want.max(axis=1)), abs=1e-5)
@@ -173,8 +180,25 @@ def test_pixels_as_nested_lists_in_the_dataframe_shapes(server, keras_model, sha
     else:
         body = {"dataframe_split": {"columns": ["image"], "data": [[cell] for cell in cells]}}
     rows = predictions(server, body)
-    batch = np.stack([images.preprocess_array(pixels) for pixels in PIXELS]).astype(np.float32)
-    np.testing.assert_allclose(probabilities(rows), keras_model(batch, training=False), atol=1e-5)
+    batch = np.stack([images.preprocess_array(pixels) for pixels in PIXELS])
+    np.testing.assert_allclose(probabilities(rows), expected_probabilities(keras_model, batch), atol=1e-5)
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_a_request_turns_test_time_augmentation_on_or_off(server, keras_model, on):
+    body = {"inputs": [b64(photo) for photo in PHOTOS], "params": {serving.TEST_TIME_AUGMENTATION: on}}
+    batch = np.stack([images.preprocess(photo) for photo in PHOTOS])
+    shift = config.TEST_TIME_SHIFT if on else 0
+    want = expected_probabilities(keras_model, batch, shift)
+    np.testing.assert_allclose(probabilities(predictions(server, body)), want, atol=1e-5)
+
+
+def test_a_parameter_of_the_wrong_type_gets_a_400(server):
+    body = {"inputs": [GOOD], "params": {serving.TEST_TIME_AUGMENTATION: "maybe"}}
+    status, text = post(server, body)
+    assert status == 400, text[:2000]
+    assert serving.TEST_TIME_AUGMENTATION in json.loads(text)["message"]
+    assert "Traceback" not in text
 
 
 GOOD = b64(PHOTOS[0])

@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import b64, bomb_png, photo_bytes, sqlite_store, tiny_classifier
+from conftest import b64, bomb_png, expected_probabilities, photo_bytes, sqlite_store, tiny_classifier
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
@@ -38,8 +38,16 @@ def pixels(shape, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
 
-def expected(model: keras.Model, batch: np.ndarray) -> np.ndarray:
-    return np.asarray(model(batch.astype(np.float32), training=False), dtype=np.float64)
+def shift_sensitive_classifier() -> keras.Model:
+    """A tiny model whose answer depends on where things are in the photo (no global pooling)."""
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((64, 64, 3))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(2, 4, strides=4, activation="relu")(x)
+    x = keras.layers.Dense(10, kernel_initializer=keras.initializers.RandomNormal(stddev=0.5))(
+        keras.layers.Flatten()(x)
+    )
+    return keras.Model(inputs, keras.layers.Softmax()(x))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -138,7 +146,9 @@ def test_arrays_of_any_size_in_a_dataframe_column(served, keras_model):
     ]
     result = served.predict(pd.DataFrame({"image": photos}))
     reference = np.stack([images.preprocess_array(photo) for photo in photos])
-    np.testing.assert_allclose(result[PROBABILITIES], expected(keras_model, reference), atol=1e-5)
+    np.testing.assert_allclose(
+        result[PROBABILITIES], expected_probabilities(keras_model, reference), atol=1e-5
+    )
 
 
 def test_output_columns_dtypes_and_probabilities(served):
@@ -175,7 +185,9 @@ def test_jpeg_bytes_list_dict_and_column_agree(served, keras_model):
     photos = [photo_bytes(label, 2) for label in range(5)]
     by_list = served.predict(photos)
     reference = np.stack([images.preprocess(photo) for photo in photos])
-    np.testing.assert_allclose(by_list[PROBABILITIES], expected(keras_model, reference), atol=1e-5)
+    np.testing.assert_allclose(
+        by_list[PROBABILITIES], expected_probabilities(keras_model, reference), atol=1e-5
+    )
     for same in (
         {"image": photos},
         {"image": [b64(photo) for photo in photos]},
@@ -212,7 +224,67 @@ def test_batch_is_chunked_in_order_and_compiled_once(python_model):
     picked = [0, config.PREDICT_CHUNK_SIZE, len(photos) - 1]  # one from each chunk
     one_by_one = pd.concat([python_model.predict(None, [photos[i]]) for i in picked], ignore_index=True)
     pd.testing.assert_frame_equal(together.iloc[picked].reset_index(drop=True), one_by_one, atol=1e-6)
-    assert python_model._infer.experimental_get_tracing_count() == 1
+    assert python_model._infer_shifted.experimental_get_tracing_count() == 1
+
+
+# test-time augmentation
+
+
+def test_answers_average_five_shifted_views_unless_a_request_turns_it_off(mlflow_store):
+    model = shift_sensitive_classifier()
+    with mlflow.start_run():
+        info = serving.log_model(model, "shifty")
+    served = mlflow.pyfunc.load_model(info.model_uri)
+    photos = [pixels((64, 64, 3), seed) for seed in range(4)]
+    batch = serving.build_batch(photos)
+    averaged, single = expected_probabilities(model, batch), expected_probabilities(model, batch, shift=0)
+    assert np.abs(averaged - single).max() > 1e-2  # the views matter to this model
+    frame = pd.DataFrame({"image": photos})
+    np.testing.assert_allclose(served.predict(frame)[PROBABILITIES], averaged, atol=1e-5)
+    off = served.predict(frame, params={serving.TEST_TIME_AUGMENTATION: False})
+    np.testing.assert_allclose(off[PROBABILITIES], single, atol=1e-5)
+    on = served.predict(frame, params={serving.TEST_TIME_AUGMENTATION: True})
+    np.testing.assert_allclose(on[PROBABILITIES], averaged, atol=1e-5)
+
+
+def test_the_shift_is_stored_with_the_model_and_the_parameter_in_its_signature(served):
+    assert served.model_config == {serving.TEST_TIME_SHIFT_KEY: config.TEST_TIME_SHIFT}
+    (param,) = served.metadata.signature.params.params
+    assert (param.name, param.dtype.name, param.default) == (serving.TEST_TIME_AUGMENTATION, "boolean", True)
+
+
+def test_a_model_logged_without_a_shift_answers_from_the_photo_alone(tmp_path, keras_model):
+    """Models registered before test-time augmentation have no model_config."""
+    path = tmp_path / serving.KERAS_FILE
+    keras_model.save(path)
+    old = serving.SignDigitsModel()
+    old.load_context(
+        mlflow.pyfunc.PythonModelContext(artifacts={serving.KERAS_ARTIFACT: str(path)}, model_config={})
+    )
+    assert old.test_time_shift == 0
+    batch = pixels((3, 64, 64, 3))
+    np.testing.assert_allclose(
+        old.predict(None, batch)[PROBABILITIES], expected_probabilities(keras_model, batch, 0), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({serving.TEST_TIME_AUGMENTATION: "no"}, "must be true or false; got 'no'"),
+        ({serving.TEST_TIME_AUGMENTATION: 0}, "must be true or false; got 0"),
+        ({"views": 3}, r"unknown parameters \['views'\]; the one parameter is test_time_augmentation"),
+    ],
+)
+def test_a_bad_parameter_is_refused_naming_it(python_model, params, message):
+    with pytest.raises(MlflowException, match=message) as raised:
+        python_model.predict(None, [photo_bytes(1, 0)], params)
+    assert raised.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_mlflow_refuses_a_parameter_of_the_wrong_type(served):
+    with pytest.raises(MlflowException, match=serving.TEST_TIME_AUGMENTATION):
+        served.predict([photo_bytes(1, 0)], params={serving.TEST_TIME_AUGMENTATION: "maybe"})
 
 
 def test_build_batch_gives_the_pixels_ingest_gives(served):
@@ -386,6 +458,6 @@ def test_a_bf16_resnet50_is_stored_in_float32_and_served_folded_agreeing_with_it
     assert {weight.dtype for weight in loaded.weights} == {"float32"}
     photos = [pixels((64, 64, 3), seed) for seed in range(6)]
     served_probabilities = served.predict(pd.DataFrame({"image": photos}))[PROBABILITIES].to_numpy()
-    bf16_probabilities = expected(model, serving.build_batch(photos))
+    bf16_probabilities = expected_probabilities(model, serving.build_batch(photos))
     np.testing.assert_allclose(served_probabilities, bf16_probabilities, atol=1e-2)
     np.testing.assert_array_equal(served_probabilities.argmax(axis=1), bf16_probabilities.argmax(axis=1))
