@@ -24,7 +24,7 @@ The answer has one row per photo, in order: `digit` (int64), `confidence`
 The probabilities are the mean over the photo and four copies of it shifted by
 a few pixels (test-time augmentation, `config.TEST_TIME_SHIFT`): 5 forward
 passes a photo. `model.predict(photos, params={"test_time_augmentation": False})`
-gives the network's answer on the photo alone, 5 times faster.
+gives the network's answer on the photo alone, about 3.5 times faster.
 
 HTTP, `mlflow models serve -m models:/sign-digits-resnet50@champion`: POST
 /invocations with `Content-Type: application/json` and one of
