@@ -73,8 +73,9 @@ def run(model_uri: str, x_test: np.ndarray, y_test: np.ndarray, out_dir: Path) -
     probabilities = predictions[PROBABILITY_COLUMNS].to_numpy(dtype=np.float64)
     predicted = predictions["digit"].to_numpy(dtype=np.int64)
     confidence = predictions["confidence"].to_numpy(dtype=np.float64)
-    metrics = {**score(y_test, predicted, probabilities), **agreement(served, x_test, probabilities)}
-    if getattr(served.unwrap_python_model(), "test_time_shift", 0):
+    shift = getattr(served.unwrap_python_model(), "test_time_shift", 0)
+    metrics = {**score(y_test, predicted, probabilities), **agreement(served, x_test, probabilities, shift)}
+    if shift:
         single = predict(served, x_test, {serving.TEST_TIME_AUGMENTATION: False})["digit"].to_numpy()
         metrics["test_accuracy_single_view"] = float(np.mean(single == y_test))
     # Write
@@ -86,12 +87,14 @@ def run(model_uri: str, x_test: np.ndarray, y_test: np.ndarray, out_dir: Path) -
     return metrics
 
 
-def agreement(served: mlflow.pyfunc.PyFuncModel, x: np.ndarray, probabilities: np.ndarray) -> dict:
+def agreement(
+    served: mlflow.pyfunc.PyFuncModel, x: np.ndarray, probabilities: np.ndarray, shift: int = 0
+) -> dict:
     """How closely the served model (batch norms folded, in config.SERVING_PRECISION) follows the
-    trained float32 Keras model it was made from, over the same shifted views: share of equal
-    top-1 digits and the largest gap between probabilities. Empty for a pyfunc that is not ours."""
-    python_model = served.unwrap_python_model()
-    keras_file = getattr(python_model, "keras_file", None)
+    trained float32 Keras model it was made from, over the same views (`shift`: its test-time
+    shift): share of equal top-1 digits and the largest gap between probabilities. Empty for a
+    pyfunc that is not ours."""
+    keras_file = getattr(served.unwrap_python_model(), "keras_file", None)
     if keras_file is None:
         return {}
     import keras
@@ -103,7 +106,6 @@ def agreement(served: mlflow.pyfunc.PyFuncModel, x: np.ndarray, probabilities: n
     def keras_predict(batch):
         return trained.predict(batch, batch_size=config.PREDICT_CHUNK_SIZE, verbose=0)
 
-    shift = getattr(python_model, "test_time_shift", 0)
     pixels = x.astype(np.float32)
     expected = np.asarray(
         serving.mean_over_views(keras_predict, pixels, shift) if shift else keras_predict(pixels)

@@ -161,7 +161,8 @@ def shifted_views(pixels, shift: int):
 def mean_over_views(predict, pixels, shift: int):
     """`predict` (a batch in, probabilities out) averaged over `shifted_views(pixels, shift)`."""
     probabilities = predict(shifted_views(pixels, shift))
-    return tf.reduce_mean(tf.reshape(probabilities, (5, tf.shape(pixels)[0], -1)), axis=0)
+    by_view = tf.reshape(probabilities, (-1, tf.shape(pixels)[0], tf.shape(probabilities)[-1]))
+    return tf.reduce_mean(by_view, axis=0)
 
 
 def inference_model(model: keras.Model) -> keras.Model:

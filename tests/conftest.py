@@ -165,6 +165,20 @@ def tiny_classifier():
     return keras.Model(inputs, layers.Dense(10, activation="softmax")(x))
 
 
+def shift_sensitive_classifier():
+    """A tiny model whose answer depends on where things are in the photo (no global pooling)."""
+    import keras
+
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((64, 64, 3))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(2, 4, strides=4, activation="relu")(x)
+    x = keras.layers.Dense(10, kernel_initializer=keras.initializers.RandomNormal(stddev=0.5))(
+        keras.layers.Flatten()(x)
+    )
+    return keras.Model(inputs, keras.layers.Softmax()(x))
+
+
 def expected_probabilities(model, batch: np.ndarray, shift: int = config.TEST_TIME_SHIFT) -> np.ndarray:
     """The Keras model's probabilities, averaged over the batch and its copies rolled `shift` pixels
     down, right, up and left (test-time augmentation; shift 0: the batch alone)."""

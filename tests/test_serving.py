@@ -14,7 +14,15 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import b64, bomb_png, expected_probabilities, photo_bytes, sqlite_store, tiny_classifier
+from conftest import (
+    b64,
+    bomb_png,
+    expected_probabilities,
+    photo_bytes,
+    shift_sensitive_classifier,
+    sqlite_store,
+    tiny_classifier,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
@@ -36,18 +44,6 @@ def png(pixels: np.ndarray) -> bytes:
 
 def pixels(shape, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-
-
-def shift_sensitive_classifier() -> keras.Model:
-    """A tiny model whose answer depends on where things are in the photo (no global pooling)."""
-    keras.utils.set_random_seed(1)
-    inputs = keras.Input((64, 64, 3))
-    x = keras.layers.Rescaling(1 / 255)(inputs)
-    x = keras.layers.Conv2D(2, 4, strides=4, activation="relu")(x)
-    x = keras.layers.Dense(10, kernel_initializer=keras.initializers.RandomNormal(stddev=0.5))(
-        keras.layers.Flatten()(x)
-    )
-    return keras.Model(inputs, keras.layers.Softmax()(x))
 
 
 @pytest.fixture(scope="module", autouse=True)
