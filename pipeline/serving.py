@@ -69,7 +69,7 @@ from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import AnyType, ParamSchema, ParamSpec
 from PIL import Image
 
-from pipeline import config, images
+from pipeline import config, images, resnet  # resnet registers the layers the saved model names
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def mean_over_views(predict, pixels, shift: int):
 def inference_model(model: keras.Model) -> keras.Model:
     """The model to serve: a ResNet-50's batch norms folded into its convolutions, computed in
     config.SERVING_PRECISION; other models as they are."""
-    from pipeline import fitting, resnet
+    from pipeline import fitting
 
     if not any(layer.name == "bn_conv1" for layer in model.layers):
         return model

@@ -187,3 +187,66 @@ def test_folding_refuses_another_model():
     other = keras.Sequential([keras.Input((32, 32, 3)), layers.Flatten(), layers.Dense(10)])
     with pytest.raises(ValueError, match="build_resnet50"):
         fold_batch_norm(other)
+
+
+def _keras_and_fused_norm(weights, momentum=0.9):
+    from pipeline.resnet import FusedBatchNormalization
+
+    norms = (layers.BatchNormalization(axis=3, momentum=momentum), FusedBatchNormalization(axis=3, momentum=momentum))
+    for norm in norms:
+        norm.build((None, 5, 5, len(weights[0])))
+        norm.set_weights(weights)
+    return norms
+
+
+def _through(norm, x, training):
+    """The layer's output and the gradients of a random weighting of it by input, gamma and beta."""
+    import tensorflow as tf
+
+    weighting = tf.constant(np.random.default_rng(1).normal(size=x.shape).astype("float32"))
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = tf.cast(norm(tf.cast(x, norm.compute_dtype), training=training), tf.float32)
+        loss = tf.reduce_sum(y * weighting)
+    gradients = tape.gradient(loss, [x, norm.gamma.value, norm.beta.value])
+    return [y.numpy()] + [np.asarray(g, dtype=np.float32) for g in gradients]
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_fused_batch_norm_computes_what_keras_computes(policy):
+    rng = np.random.default_rng(0)
+    channels = 16
+    weights = [
+        rng.uniform(0.5, 1.5, channels),
+        rng.normal(0, 0.5, channels),
+        rng.normal(0, 1, channels),
+        rng.uniform(0.5, 2.0, channels),
+    ]
+    x = (rng.normal(size=(8, 5, 5, channels)) * 3 + 1).astype("float32")
+    tolerance = 1e-5 if policy == "float32" else 2e-2  # bfloat16 keeps 8 bits of mantissa
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        keras_norm, fused = _keras_and_fused_norm([w.astype("float32") for w in weights])
+        for training in (True, False):
+            expected, got = _through(keras_norm, x, training), _through(fused, x, training)
+            for want, have in zip(expected, got):
+                assert np.abs(have - want).max() <= tolerance * np.abs(want).max()
+        # One training step moved the moving statistics (by the same amount).
+        for moving in (2, 3):
+            np.testing.assert_allclose(fused.get_weights()[moving], keras_norm.get_weights()[moving], rtol=1e-5)
+            assert np.abs(fused.get_weights()[moving] - weights[moving]).max() > 0.05
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_batch_norms_are_fused_and_the_model_reloads(model, tmp_path):
+    from pipeline.resnet import FusedBatchNormalization
+
+    norms = [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]
+    assert len(norms) == 53 and all(isinstance(norm, FusedBatchNormalization) for norm in norms)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras", compile=False)
+    assert isinstance(loaded.get_layer("bn_conv1"), FusedBatchNormalization)
+    pixels = _pixels(2)
+    np.testing.assert_allclose(loaded(pixels).numpy(), model(pixels).numpy(), atol=1e-6)

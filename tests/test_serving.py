@@ -3,6 +3,8 @@
 import base64
 import io
 import json
+import subprocess
+import sys
 import tempfile
 import time
 import zipfile
@@ -457,3 +459,18 @@ def test_a_bf16_resnet50_is_stored_in_float32_and_served_folded_agreeing_with_it
     bf16_probabilities = expected_probabilities(model, serving.build_batch(photos))
     np.testing.assert_allclose(served_probabilities, bf16_probabilities, atol=1e-2)
     np.testing.assert_array_equal(served_probabilities.argmax(axis=1), bf16_probabilities.argmax(axis=1))
+
+    # A fresh process that imports nothing of the project loads it too (the saved model
+    # names the project's fused batch-norm layer, which loading has to find).
+    load = (
+        "import sys, mlflow, pandas, numpy; mlflow.set_tracking_uri(sys.argv[1]); "
+        "model = mlflow.pyfunc.load_model(sys.argv[2]); "
+        "photo = numpy.zeros((64, 64, 3), numpy.uint8); "
+        "print(model.predict(pandas.DataFrame({'image': [photo]}))['digit'].iloc[0])"
+    )
+    uri = f"models:/resnet/{info.registered_model_version}"
+    answer = subprocess.run(
+        [sys.executable, "-c", load, mlflow.get_tracking_uri(), uri], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert answer.returncode == 0, answer.stderr[-3000:]
+    assert answer.stdout.split()[-1] in "0123456789"
