@@ -192,7 +192,10 @@ def test_folding_refuses_another_model():
 def _keras_and_fused_norm(weights, momentum=0.9):
     from pipeline.resnet import FusedBatchNormalization
 
-    norms = (layers.BatchNormalization(axis=3, momentum=momentum), FusedBatchNormalization(axis=3, momentum=momentum))
+    norms = (
+        layers.BatchNormalization(axis=3, momentum=momentum),
+        FusedBatchNormalization(axis=3, momentum=momentum),
+    )
     for norm in norms:
         norm.build((None, 5, 5, len(weights[0])))
         norm.set_weights(weights)
@@ -234,7 +237,9 @@ def test_fused_batch_norm_computes_what_keras_computes(policy):
                 assert np.abs(have - want).max() <= tolerance * np.abs(want).max()
         # One training step moved the moving statistics (by the same amount).
         for moving in (2, 3):
-            np.testing.assert_allclose(fused.get_weights()[moving], keras_norm.get_weights()[moving], rtol=1e-5)
+            np.testing.assert_allclose(
+                fused.get_weights()[moving], keras_norm.get_weights()[moving], rtol=1e-5
+            )
             assert np.abs(fused.get_weights()[moving] - weights[moving]).max() > 0.05
     finally:
         keras.mixed_precision.set_global_policy("float32")

@@ -470,7 +470,10 @@ def test_a_bf16_resnet50_is_stored_in_float32_and_served_folded_agreeing_with_it
     )
     uri = f"models:/resnet/{info.registered_model_version}"
     answer = subprocess.run(
-        [sys.executable, "-c", load, mlflow.get_tracking_uri(), uri], cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-c", load, mlflow.get_tracking_uri(), uri],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     assert answer.returncode == 0, answer.stderr[-3000:]
     assert answer.stdout.split()[-1] in "0123456789"
