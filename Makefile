@@ -10,6 +10,9 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 SOURCE ?=
 RUN_ARGS ?=
+# Test processes (pytest-xdist, one test file per process): the suite is mostly process start-up,
+# imports and waits on subprocesses, which two processes overlap even on two cores.
+TEST_WORKERS ?= 2
 
 # `mlflow run --env-manager local` starts each entry point with the `python` on PATH.
 export PATH := $(BIN):$(PATH)
@@ -29,7 +32,7 @@ run: setup
 	$(BIN)/mlflow run . --env-manager local $(if $(SOURCE),-P source=$(abspath $(SOURCE))) $(RUN_ARGS)
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --numprocesses $(TEST_WORKERS) --dist loadfile
 
 server: setup
 	PYTHON=$(BIN)/python deploy/tracking-server.sh start
