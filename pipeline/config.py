@@ -108,13 +108,16 @@ TRAIN_WORKERS = 2  # processes `train --strategy multiworker` starts on this mac
 # Tuning
 ORACLES = ("bayesian", "random", "grid", "hyperband")
 ORACLE = "bayesian"
-MAX_TRIALS = 4
+# Two trials by default, the untuned recipe and one more: a trial costs 3-4 minutes here, the
+# training after it about 13; `main` took 22 minutes with two, 26.5 with four. Raise max_trials
+# for a real search.
+MAX_TRIALS = 2
 EPOCHS_PER_TRIAL = 8
 # Below 3e-4 a trial's 8 epochs end near chance here (val 26-38% at 1.1e-4..2.5e-4): no signal.
 LEARNING_RATE_RANGE = (3e-4, 3e-3)
 BATCH_SIZES = (16, 32, 64, 128)
 HYPERBAND_FACTOR = 3  # hyperband: epochs_per_trial is max_epochs; max_trials does not apply
-BAYESIAN_INITIAL_POINTS = 2  # Keras Tuner's default (6 here) would make a 4-trial search all random
+BAYESIAN_INITIAL_POINTS = 2  # Keras Tuner's default (6 here) would make a short search all random
 TUNER_DIR_ENV = "SIGN_DIGITS_TUNER_DIR"
 DEFAULT_TUNER_DIR = Path("tuner")
 TUNE_WORKERS = 0  # Keras Tuner workers `tune` starts beside a chief on this machine; 0: one process
