@@ -109,6 +109,24 @@ def test_log_model_stores_an_uncompiled_keras_file_code_and_pinned_requirements(
     assert not any(name.startswith("keras-tuner") for name in requirements)
 
 
+def test_a_trained_model_is_logged_without_its_optimizer(mlflow_store, tmp_path):
+    """train logs a compiled model whose optimizer has state: none of it belongs in the served file."""
+    import h5py
+
+    model = tiny_classifier()
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    model.fit(np.zeros((4, 64, 64, 3)), np.eye(10)[:4], epochs=1, verbose=0)
+    assert model.optimizer.built
+    with mlflow.start_run():
+        info = serving.log_model(model, registered_model_name=None)
+    folder = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "model")))
+    with zipfile.ZipFile(folder / "artifacts" / serving.KERAS_FILE) as archive:
+        assert not json.loads(archive.read("config.json"))["compile_config"]
+        archive.extract("model.weights.h5", tmp_path)
+    with h5py.File(tmp_path / "model.weights.h5") as weights:
+        assert "optimizer" not in weights, "Adam's moments were stored with the served weights"
+
+
 def test_log_model_needs_an_active_run(mlflow_store, keras_model):
     with pytest.raises(PipelineError, match="active MLflow run"):
         serving.log_model(keras_model)
