@@ -360,7 +360,7 @@ def float32_copy(keras_model: keras.Model) -> keras.Model:
     """An uncompiled float32 copy (rebuilt from its config with float32 policies, same weights)."""
     model_config = _float32_config(keras.saving.serialize_keras_object(keras_model))
     # A compiled model's config recompiles the copy, and Keras then builds an optimizer for it:
-    # Adam's two moments would double the served file and the memory that logging it takes.
+    # Adam's two moments would triple the served file and add to the memory that logging takes.
     model_config.pop("compile_config", None)
     copy = keras.saving.deserialize_keras_object(model_config)
     copy.set_weights(keras_model.get_weights())
