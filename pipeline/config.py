@@ -108,8 +108,8 @@ TRAIN_WORKERS = 2  # processes `train --strategy multiworker` starts on this mac
 # Tuning
 ORACLES = ("bayesian", "random", "grid", "hyperband")
 ORACLE = "bayesian"
-# Two trials by default, the untuned recipe and one more: a trial costs 3-4 minutes here, the
-# training after it about 13; `main` took 22 minutes with two, 26.5 with four. Raise max_trials
+# Two trials by default, the untuned recipe and one more: a trial costs 3-5 minutes here, the
+# training after it about 14; `main` took 22-23 minutes with two, 26.5 with four. Raise max_trials
 # for a real search.
 MAX_TRIALS = 2
 EPOCHS_PER_TRIAL = 8

@@ -494,4 +494,4 @@ def test_a_bf16_resnet50_is_stored_in_float32_and_served_folded_agreeing_with_it
         text=True,
     )
     assert answer.returncode == 0, answer.stderr[-3000:]
-    assert answer.stdout.split()[-1] in "0123456789"
+    assert answer.stdout.split()[-1] in tuple("0123456789")  # one digit, not a substring
