@@ -1,6 +1,7 @@
 """What every stage's command line shares: option types, logging, and clean errors."""
 
 import argparse
+import atexit
 import functools
 import logging
 import os
@@ -137,3 +138,20 @@ def entry_point(main: Callable[[list[str] | None], object]) -> Callable[[list[st
             sys.exit(130)
 
     return wrapped
+
+
+def run(main: Callable[[], object]) -> None:
+    """Run a stage's `main` (wrapped by `entry_point`) as this process's command; when it
+    returns, leave at once.
+
+    Python's teardown of a process that has trained a ResNet-50 took 5.5 s here (TensorFlow's
+    objects freed one by one as the interpreter ends), once per stage and per tuning trial.
+    Every file, run and log is closed by the time `main` returns; the atexit handlers
+    (MLflow's among them) still run. An error leaves the usual way, through SystemExit.
+    """
+    main()
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -492,4 +492,4 @@ def _figures(metrics: dict[str, float]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -5,6 +5,11 @@ tmp_path and checks three things: exit code 2, a message that names the
 parameter and what it may be, and no new MLflow run.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import mlflow
 import pytest
 from conftest import make_tree, sqlite_store
@@ -184,3 +189,44 @@ def test_image_sizes_in_range_are_taken(text):
 
 def test_every_stage_with_options_has_a_case():
     assert {stage for stage, _, _ in CASES} == set(STAGES)
+
+
+# cli.run: a stage's command leaves without Python's teardown, losing nothing
+
+COMMAND = """
+import atexit, logging, sys
+from pathlib import Path
+from pipeline import cli
+from pipeline.errors import PipelineError
+
+atexit.register(Path(sys.argv[1]).write_text, "atexit ran")
+
+@cli.entry_point
+def main(argv=None):
+    logging.getLogger("pipeline.probe").info("logged line")
+    print("printed without a newline", end="")
+    if sys.argv[2] == "fail":
+        raise PipelineError("the probe failed")
+
+cli.run(main)
+print("never printed")
+"""
+
+
+@pytest.mark.parametrize("outcome, code", [("succeed", 0), ("fail", 2)])
+def test_a_command_ends_with_its_output_and_exit_handlers(tmp_path, outcome, code):
+    root = Path(__file__).resolve().parents[1]
+    marker = tmp_path / "atexit.txt"
+    done = subprocess.run(
+        [sys.executable, "-c", COMMAND, str(marker), outcome],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"},  # a pipe buffers
+        timeout=120,
+    )
+    assert done.returncode == code, done.stderr
+    assert done.stdout == "printed without a newline"  # flushed, and nothing after cli.run
+    assert "pipeline.probe: logged line" in done.stderr
+    assert marker.read_text() == "atexit ran"
+    assert ("the probe failed" in done.stderr) == (outcome == "fail")
