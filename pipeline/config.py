@@ -7,6 +7,8 @@ hard-codes a number, a name or a path that a user might want to change.
 import os
 from pathlib import Path
 
+from pipeline.errors import PipelineError
+
 # Dataset
 DATASET_COMMIT = "4b09433ef9d5c60602e8805bb54b8aa2428527f8"
 DATASET_URL = f"https://github.com/ardamavi/Sign-Language-Digits-Dataset/archive/{DATASET_COMMIT}.zip"
@@ -128,10 +130,14 @@ CLUSTER_START_TIMEOUT_S = 300.0  # for the chief to load the data and open its p
 CLUSTER_STOP_TIMEOUT_S = 60.0  # for workers to leave after the chief ends the search
 CLUSTER_LOGS_ARTIFACT = "logs"  # each process's output, logged to the stage run
 
-# Where train backs up its state after every epoch (weights, optimizer, early stopping) until
-# the run has finished, so that a killed run continues where it stopped.
+# Where train backs up its state (weights, optimizer, early stopping) until the run has
+# finished, so that a killed run continues where it stopped: after the first epoch that ends
+# this many seconds after the previous backup, and after the last epoch. A kill loses at most
+# about this much training; 0 backs up after every epoch.
 CHECKPOINT_DIR_ENV = "SIGN_DIGITS_CHECKPOINT_DIR"
 DEFAULT_CHECKPOINT_DIR = Path("checkpoints")
+BACKUP_INTERVAL_ENV = "SIGN_DIGITS_BACKUP_INTERVAL_S"
+BACKUP_INTERVAL_S = 60.0
 # "1" runs training steps eagerly, without tracing a graph: slower per step, but no 30-90 s of
 # tracing per process; for tests and debugging.
 EAGER_ENV = "SIGN_DIGITS_RUN_EAGERLY"
@@ -174,8 +180,20 @@ def tuner_dir() -> Path:
 
 
 def checkpoint_dir() -> Path:
-    """The folder for train's per-epoch backups ($SIGN_DIGITS_CHECKPOINT_DIR wins)."""
+    """The folder for train's backups ($SIGN_DIGITS_CHECKPOINT_DIR wins)."""
     return Path(os.environ.get(CHECKPOINT_DIR_ENV) or DEFAULT_CHECKPOINT_DIR)
+
+
+def backup_interval_s() -> float:
+    """Seconds between train's backups ($SIGN_DIGITS_BACKUP_INTERVAL_S wins)."""
+    text = os.environ.get(BACKUP_INTERVAL_ENV, "").strip()
+    try:
+        seconds = float(text) if text else BACKUP_INTERVAL_S
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise PipelineError(f"${BACKUP_INTERVAL_ENV}={text!r}: must be a number of seconds, 0 or more")
+    return seconds
 
 
 def run_eagerly() -> bool:

@@ -3,9 +3,10 @@
 `mlflow run . -e train` with no parameters trains with the defaults on the latest
 onehot run (running ingest and onehot first when there is none).
 
-The training state is backed up after every epoch under config.checkpoint_dir(), in a
-folder named by the data, the settings and the code version (`checkpoint_folder`).
-Running the same training again after a kill continues from the last finished epoch,
+The training state is backed up under config.checkpoint_dir() about once a minute
+(config.BACKUP_INTERVAL_S) and after the last epoch, in a folder named by the data, the
+settings and the code version (`checkpoint_folder`).
+Running the same training again after a kill continues from the last backed-up epoch,
 in the same MLflow run when it is started with `python -m pipeline.train` (under
 `mlflow run`, in the run MLflow hands over; `main` hands over the unfinished one).
 The folder is removed once the run has finished.
@@ -62,7 +63,7 @@ def run(
     column marks the epochs whose weights the model has, and a dict of what was kept
     (`val_accuracy`, the last kept `epoch` counted from 1, `averaged_epochs`).
 
-    With `backup_dir`, the training state is saved there after every epoch, and a
+    With `backup_dir`, the training state is saved there (see fitting.Backup), and a
     backup found there is continued: its epochs are not trained again, early stopping
     decides as if uninterrupted, and epochs the run lacks are logged to `run_id` from
     the backup. The folder stays until the caller removes it. Raises PipelineError when
@@ -333,6 +334,7 @@ def train_as_worker(args, strategy) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_params(args.learning_rate, args.batch_size, args.epochs, args.patience, args.min_epochs)
+    config.backup_interval_s()  # a bad $SIGN_DIGITS_BACKUP_INTERVAL_S stops train before any run
     tracking.check_upstream(onehot_run_id=args.onehot_run_id, tune_run_id=args.tune_run_id)
     strategy = None
     if args.strategy == "multiworker":

@@ -182,6 +182,20 @@ def test_impossible_values_exit_2_naming_the_parameter_before_any_run(
     assert all_runs() == before
 
 
+@pytest.mark.parametrize("value", ["soon", "-1", "inf"])
+def test_an_impossible_backup_interval_exits_2_naming_the_variable_before_any_run(
+    value, store, monkeypatch, capsys, caplog
+):
+    monkeypatch.setenv(config.BACKUP_INTERVAL_ENV, value)
+    before = all_runs()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--onehot-run-id", store["onehot"]])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err + caplog.text
+    assert f"${config.BACKUP_INTERVAL_ENV}={value!r}: must be a number of seconds" in message
+    assert all_runs() == before
+
+
 @pytest.mark.parametrize("text", ["32", "64", "1024", "64.0"])
 def test_image_sizes_in_range_are_taken(text):
     assert cli.image_size(text) == int(float(text))

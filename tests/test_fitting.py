@@ -97,11 +97,11 @@ class Interrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
 
-def backed_up_fit(run_id, folder, epochs=30, interrupt_at=None):
+def backed_up_fit(run_id, folder, epochs=30, interrupt_at=None, interval_s=0):
     keras.utils.set_random_seed(0)
     model = fitting.compile_model(tiny_model(), learning_rate=3e-2, steps_per_epoch=2, epochs=epochs)
     stopper = fitting.early_stopping(patience=2, min_epochs=0)
-    backup = fitting.Backup(folder, stopper, run_id)
+    backup = fitting.Backup(folder, stopper, run_id, interval_s=interval_s)
     logger = fitting.EpochLogger(run_id, 16, backup=backup)
     callbacks = [stopper, logger, backup, *([Interrupt(interrupt_at)] if interrupt_at is not None else [])]
     rng = np.random.default_rng(0)
@@ -157,6 +157,20 @@ def test_a_finished_backup_trains_nothing_and_logs_what_the_run_lacks(mlflow_sto
     assert all(np.array_equal(a, b) for a, b in zip(again.get_weights(), model.get_weights()))
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(second.info.run_id, "loss")]
     assert steps == [row["epoch"] for row in rows]
+
+
+def test_between_backups_epochs_are_neither_saved_nor_logged_until_the_last(mlflow_store, tmp_path):
+    client = mlflow.MlflowClient()
+    with mlflow.start_run() as run:
+        with pytest.raises(KeyboardInterrupt):
+            backed_up_fit(run.info.run_id, tmp_path / "backup", epochs=4, interrupt_at=3, interval_s=3600)
+        assert fitting.Backup.read(tmp_path / "backup") is None
+        assert client.get_metric_history(run.info.run_id, "val_accuracy") == []
+        _, rows, _ = backed_up_fit(run.info.run_id, tmp_path / "backup", epochs=4, interval_s=3600)
+    assert [row["epoch"] for row in rows] == [0, 1, 2, 3]
+    assert fitting.Backup.read(tmp_path / "backup")["epoch"] == 4  # the last epoch is always saved
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+    assert steps == [0, 1, 2, 3]
 
 
 def test_a_damaged_backup_is_ignored_and_cleared(tmp_path, caplog):
@@ -226,7 +240,7 @@ def test_a_backup_keeps_the_running_average_across_a_kill(mlflow_store, tmp_path
         keras.utils.set_random_seed(0)
         model = fitting.compile_model(tiny_model(), learning_rate=3e-2, steps_per_epoch=2, epochs=6)
         average = fitting.WeightAverage(epochs=6, count=4)
-        backup = fitting.Backup(tmp_path / "backup", None, run_id, average)
+        backup = fitting.Backup(tmp_path / "backup", None, run_id, average, interval_s=0)
         logger = fitting.EpochLogger(run_id, 16, backup=backup)
         extra = [Interrupt(interrupt_at)] if interrupt_at is not None else []
         model.fit(

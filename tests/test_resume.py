@@ -31,6 +31,7 @@ def store(mlflow_store, tmp_path, monkeypatch):
     """The test store with a finished ingest and onehot run; the environment for stage processes."""
     monkeypatch.setenv(config.TUNER_DIR_ENV, str(tmp_path / "tuner"))
     monkeypatch.setenv(config.CHECKPOINT_DIR_ENV, str(tmp_path / "checkpoints"))
+    monkeypatch.setenv(config.BACKUP_INTERVAL_ENV, "0")  # a backup after every epoch
     monkeypatch.setenv(config.EAGER_ENV, "1")
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     ingest.main(["--source", str(make_tree(tmp_path / "photos", per_class=3)), "--image-size", "32"])
@@ -248,6 +249,7 @@ def test_main_killed_during_train_reuses_every_finished_step_and_continues_train
         pytest.skip("main reuses finished steps only from a clean git commit of pipeline/")
     monkeypatch.setenv(config.TUNER_DIR_ENV, str(tmp_path / "tuner"))
     monkeypatch.setenv(config.CHECKPOINT_DIR_ENV, str(tmp_path / "checkpoints"))
+    monkeypatch.setenv(config.BACKUP_INTERVAL_ENV, "0")  # a backup after every epoch
     monkeypatch.setenv(config.EAGER_ENV, "1")
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
