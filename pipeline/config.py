@@ -111,7 +111,7 @@ TRAIN_WORKERS = 2  # processes `train --strategy multiworker` starts on this mac
 ORACLES = ("bayesian", "random", "grid", "hyperband")
 ORACLE = "bayesian"
 # Two trials by default, the untuned recipe and one more: a trial costs 3-5 minutes here, the
-# training after it about 14; `main` took 22-23 minutes with two, 26.5 with four. Raise max_trials
+# training after it 12-14; `main` took 19-23 minutes with two, 26.5 with four. Raise max_trials
 # for a real search.
 MAX_TRIALS = 2
 EPOCHS_PER_TRIAL = 8
