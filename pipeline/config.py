@@ -52,6 +52,7 @@ INGEST_RUN_TAG = "pipeline.ingest_run_id"
 ONEHOT_RUN_TAG = "pipeline.onehot_run_id"
 MODEL_URI_TAG = "pipeline.model_uri"
 MODEL_VERSION_TAG = "pipeline.model_version"
+STARTED_FROM_TAG = "pipeline.started_from_trial"  # train: the trial run whose epochs it continued
 
 # Artifact folders each stage writes (the next stage reads them by these names).
 INGEST_ARTIFACT = "dataset"
@@ -69,6 +70,8 @@ TUNE_ARTIFACT = "tuning"
 BEST_PARAMS_FILE = "best_params.json"
 TRIALS_FILE = "trials.csv"
 TRIALS_PLOT_FILE = "trials.png"
+BEST_TRIAL_DIR = "best_trial"  # the best trial's training state (fitting.Backup), for train to continue
+TRAINING_KEY_FILE = "training.json"  # in it: the training it is the start of (fitting.training_key)
 TRAIN_ARTIFACT = "training"
 CURVES_FILE = "learning_curves.png"
 HISTORY_FILE = "history.csv"

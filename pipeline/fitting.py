@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from pipeline import config, files, resnet
+from pipeline import config, files, resnet, tracking
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,17 @@ def bf16_is_native() -> bool:
 
 def set_precision(precision: str = config.PRECISION) -> str:
     """Set Keras' global dtype policy; `auto` picks mixed_bfloat16 only where it is fast."""
+    precision = resolve_precision(precision)
+    keras.mixed_precision.set_global_policy(precision)
+    return precision
+
+
+def resolve_precision(precision: str) -> str:
+    """The policy `precision` stands for on this machine (`auto`: mixed_bfloat16 or float32)."""
     if precision not in config.PRECISIONS:
         raise PipelineError(f"precision={precision!r}: must be one of {', '.join(config.PRECISIONS)}")
     if precision == "auto":
-        precision = "mixed_bfloat16" if bf16_is_native() else "float32"
-    keras.mixed_precision.set_global_policy(precision)
+        return "mixed_bfloat16" if bf16_is_native() else "float32"
     return precision
 
 
@@ -409,6 +415,30 @@ def recipe() -> list:
         config.AUGMENTATION,
         config.SWA_EPOCHS,
     ]
+
+
+def training_key(
+    onehot_run_id: str,
+    learning_rate: float,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    augment: bool,
+    precision: str,
+) -> dict:
+    """What makes two trainings the same one, epoch for epoch: the data, the settings, the
+    recipe and the code. A tuning trial with the same key trained the first epochs of it."""
+    return {
+        "onehot_run_id": onehot_run_id,
+        "learning_rate": float(learning_rate),
+        "batch_size": int(batch_size),
+        "epochs": int(epochs),
+        "seed": int(seed),
+        "augment": bool(augment),
+        "precision": resolve_precision(precision),
+        "recipe": json.loads(json.dumps(recipe())),
+        "commit": tracking.code_version()[config.COMMIT_TAG],
+    }
 
 
 def early_stopping(patience: int, min_epochs: int) -> keras.callbacks.EarlyStopping:

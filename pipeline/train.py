@@ -6,6 +6,8 @@ onehot run (running ingest and onehot first when there is none).
 The training state is backed up under config.checkpoint_dir() about once a minute
 (config.BACKUP_INTERVAL_S) and after the last epoch, in a folder named by the data, the
 settings and the code version (`checkpoint_folder`).
+With `--tune-run-id`, training continues the search's best trial when that trial trained
+the first epochs of this very training (see `continue_trial`).
 Running the same training again after a kill continues from the last backed-up epoch,
 in the same MLflow run when it is started with `python -m pipeline.train` (under
 `mlflow run`, in the run MLflow hands over; `main` hands over the unfinished one).
@@ -176,6 +178,61 @@ def tuned_hyperparameters(tune_run_id: str) -> dict:
         raise PipelineError(
             f"tune run {tune_run_id}: {config.BEST_PARAMS_FILE} is unreadable ({error})"
         ) from None
+
+
+def continue_trial(tune_run_id: str, key: dict, min_epochs: int, backup_dir: Path, run_id: str) -> int:
+    """Make the search's best trial the start of this training; returns its epochs (0: none).
+
+    A tune run with `train_epochs` leaves its best trial's state (fitting.Backup) with the
+    fitting.training_key of the training it is the start of. When that key is `key`, and
+    the trial ended before early stopping (`min_epochs`) would have had a say, the state
+    becomes `backup_dir`'s backup for the run `run_id`: its epochs are logged to the run
+    and not trained again. Otherwise nothing changes, and the log says why.
+    """
+    from pipeline import fitting
+
+    tune_run = tracking.find_run("tune", tune_run_id)
+    backup_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=backup_dir.parent) as tmp:
+        try:
+            folder = Path(
+                mlflow.artifacts.download_artifacts(
+                    run_id=tune_run.info.run_id,
+                    artifact_path=f"{config.TUNE_ARTIFACT}/{config.BEST_TRIAL_DIR}",
+                    dst_path=tmp,
+                )
+            )
+            trained = json.loads((folder / config.TRAINING_KEY_FILE).read_text())
+        except (MlflowException, OSError, ValueError):
+            log.info("tune run %s left no trial to continue: training from the first epoch", tune_run_id)
+            return 0
+        state = fitting.Backup.read(folder)
+        differences = sorted(name for name in key if trained.get(name) != key[name])
+        if state is None or differences:
+            log.info(
+                "the search's best trial started another training (%s differ): training from the first epoch",
+                ", ".join(differences) or "its state is unreadable",
+            )
+            return 0
+        if state["epoch"] > min_epochs:
+            log.info(
+                "the search's best trial trained %d epochs, more than min_epochs (%d), where early "
+                "stopping would have had a say: training from the first epoch",
+                state["epoch"],
+                min_epochs,
+            )
+            return 0
+        files.write_text(folder / fitting.Backup.STATE, json.dumps({**state, "run_id": run_id}, indent=1))
+        (folder / config.TRAINING_KEY_FILE).unlink()
+        shutil.rmtree(backup_dir, ignore_errors=True)
+        folder.rename(backup_dir)
+    mlflow.set_tag(config.STARTED_FROM_TAG, trained.get("trial_run_id", ""))
+    log.info(
+        "continuing the search's best trial (run %s): its %d epochs are this training's first",
+        trained.get("trial_run_id"),
+        state["epoch"],
+    )
+    return state["epoch"]
 
 
 def finished_onehot(onehot_run_id: str) -> Run | None:
@@ -367,7 +424,12 @@ def main(argv: list[str] | None = None) -> None:
         if onehot_run is None:
             onehot_run = run_ingest_and_onehot()
             backup_dir = None if strategy else checkpoint_folder(onehot_run.info.run_id, options)
-        from pipeline import data, serving
+        from pipeline import data, fitting, serving
+
+        if args.tune_run_id and backup_dir and not resume and fitting.Backup.read(backup_dir) is None:
+            training = ("learning_rate", "batch_size", "epochs", "seed", "augment", "precision")
+            key = fitting.training_key(onehot_run.info.run_id, **{name: options[name] for name in training})
+            continue_trial(args.tune_run_id, key, options["min_epochs"], backup_dir, active.info.run_id)
 
         arrays = data.load(onehot_run)
         out_dir = Path(tmp) / config.TRAIN_ARTIFACT

@@ -43,9 +43,11 @@ def run(spec: dict, folder: Path) -> dict:
 
     `spec` holds arrays (an .npz with x_train, y_train, x_val, y_val), hyperparameters
     (the trial's values), schedule_epochs (what the learning-rate schedule spans), epochs,
-    initial_epoch, augment, seed, precision, run_id (the trial's MLflow run), and
+    initial_epoch, augment, seed, precision, run_id (the trial's MLflow run),
     load_weights / checkpoint (weights files to start from / to keep the best epoch in,
-    or None). The spec and the result are files in `folder`. The result holds history
+    or None), and state_dir: where to leave the training state after the last epoch, as
+    a fitting.Backup that `train` can continue (or None). The spec and the result are
+    files in `folder`. The result holds history
     ({metric: [one value per epoch]}), steps (per epoch), pid and peak_rss_mib.
 
     The child's log goes to stderr as it comes. Raises PipelineError with its last lines
@@ -158,7 +160,10 @@ def train(spec: dict) -> dict:
     model = hypermodel.build(hp)
     if spec.get("load_weights"):
         model.load_weights(spec["load_weights"])
-    callbacks = [fitting.EpochLogger(spec["run_id"], len(arrays["x_train"]))]
+    logger = fitting.EpochLogger(spec["run_id"], len(arrays["x_train"]))
+    # The start of a longer training averages its weights where that training would.
+    average = fitting.WeightAverage(spec["schedule_epochs"]) if spec.get("state_dir") else None
+    callbacks = [callback for callback in (average, logger) if callback is not None]
     if spec.get("checkpoint"):
         callbacks.append(
             keras.callbacks.ModelCheckpoint(
@@ -172,6 +177,8 @@ def train(spec: dict) -> dict:
     history = hypermodel.fit(
         hp, model, epochs=spec["epochs"], initial_epoch=spec["initial_epoch"], callbacks=callbacks, verbose=0
     )
+    if spec.get("state_dir"):
+        fitting.Backup(Path(spec["state_dir"]), average=average, interval_s=0).save(model, logger.rows)
     return {
         "history": {key: [float(value) for value in values] for key, values in history.history.items()},
         "steps": history.params["steps"],

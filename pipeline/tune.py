@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +60,7 @@ TRIAL_STAGE = "tune-trial"
 OBJECTIVE = "val_accuracy"
 KEY_VERSION = 2  # bump when a change to the training step or the oracles makes old trials incomparable
 NOT_SEARCH_OPTIONS = ("onehot_run_id", "workers", "parent_run_id")  # options of main, not of run()
+STATE_DIR = "state"  # in a trial's folder: its training state after its last epoch (see `_spec`)
 TRIAL_COLUMNS = ["trial_id", "status", "learning_rate", "batch_size", "epochs", OBJECTIVE, "run_id"]
 
 
@@ -200,6 +202,23 @@ class MlflowTrials:
     def on_trial_end(self, trial):
         super().on_trial_end(trial)  # Keras Tuner records the trial first
         self._end_run(RunStatus.FINISHED if trial.status == "COMPLETED" else RunStatus.FAILED)
+        if not self._is_worker():  # a worker's oracle is the chief's; the chief prunes at the end
+            self.keep_best_state()
+
+    def keep_best_state(self) -> Path | None:
+        """Remove the training states of all finished trials but the best; return its folder
+        (None when it left none). A state is ~284 MB: one is kept, not one per trial."""
+        best = self.oracle.get_best_trials(1)
+        keep = best[0].trial_id if best else None
+        for trial_id, trial in self.oracle.trials.items():
+            if trial_id != keep and trial.status != "RUNNING":
+                shutil.rmtree(self.state_dir(trial_id), ignore_errors=True)
+        if keep is None or fitting.Backup.read(self.state_dir(keep)) is None:
+            return None
+        return self.state_dir(keep)
+
+    def state_dir(self, trial_id: str) -> Path:
+        return Path(self.get_trial_dir(trial_id)) / STATE_DIR
 
     def _start_run(self, trial):
         parent = mlflow.active_run()
@@ -233,6 +252,11 @@ class MlflowTrials:
             epochs, initial_epoch = values["tuner/epochs"], values["tuner/initial_epoch"]
             if "tuner/trial_id" in values:
                 load_weights = self._get_checkpoint_fname(values["tuner/trial_id"])
+        # A trial that trains the first epochs of a longer schedule leaves its state for train.
+        state_dir = None
+        if hypermodel.epochs > epochs and "tuner/epochs" not in values:
+            state_dir = self.state_dir(trial.trial_id)
+            shutil.rmtree(state_dir, ignore_errors=True)  # a retried trial's old state
         return {
             "arrays": str(self._arrays_path()),
             "hyperparameters": values,
@@ -245,6 +269,7 @@ class MlflowTrials:
             "run_id": run_id,
             "load_weights": load_weights,
             "checkpoint": self._get_checkpoint_fname(trial.trial_id) if self.keep_checkpoints else None,
+            "state_dir": str(state_dir) if state_dir else None,
         }
 
     def _arrays_path(self) -> Path:
@@ -369,7 +394,9 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def check_params(oracle: str, max_trials: int, epochs_per_trial: int, seed: int) -> None:
+def check_params(
+    oracle: str, max_trials: int, epochs_per_trial: int, seed: int, train_epochs: int = config.EPOCHS
+) -> None:
     """Raise PipelineError naming the parameter when a value is impossible."""
     if oracle not in config.ORACLES:
         raise PipelineError(f"oracle={oracle!r}: must be one of {', '.join(config.ORACLES)}")
@@ -378,6 +405,17 @@ def check_params(oracle: str, max_trials: int, epochs_per_trial: int, seed: int)
             raise PipelineError(f"{name}={value}: must be a whole number >= 1")
     if seed < 0:
         raise PipelineError(f"seed={seed}: must be a whole number >= 0")
+    if train_epochs and train_epochs <= epochs_per_trial:
+        raise PipelineError(
+            f"train_epochs={train_epochs}: must be more than epochs_per_trial ({epochs_per_trial}), "
+            "or 0 for trials whose schedule ends with them"
+        )
+
+
+def schedule_epochs(oracle: str, epochs_per_trial: int, train_epochs: int) -> int:
+    """The epochs a trial's learning-rate schedule spans: the training it is the start of,
+    unless `train_epochs` is 0 or the oracle is hyperband (trials of several lengths)."""
+    return train_epochs if train_epochs and oracle != "hyperband" else epochs_per_trial
 
 
 def project_name(
@@ -388,6 +426,7 @@ def project_name(
     augment: bool,
     precision: str,
     project_key: str = "",
+    schedule: int | None = None,
 ) -> str:
     """A short name for the search: the same data and parameters give the same name.
 
@@ -405,6 +444,7 @@ def project_name(
         "project_key": project_key,
         "oracle": oracle,
         "epochs_per_trial": epochs_per_trial,
+        "schedule_epochs": schedule or epochs_per_trial,
         "seed": seed,
         "augment": augment,
         "precision": precision,
@@ -538,17 +578,19 @@ def open_search(
     precision: str,
     resume: bool,
     project_key: str,
+    train_epochs: int = config.EPOCHS,
 ) -> Iterator[keras_tuner.Tuner]:
     """The tuner of this search (`project_name`), its state reloaded when `resume`, else wiped,
     held under a lock for this Keras Tuner id (one process per id runs the search).
 
     Raises PipelineError for impossible parameters and for a state that does not reload.
     """
-    check_params(oracle, max_trials, epochs_per_trial, seed)
+    check_params(oracle, max_trials, epochs_per_trial, seed, train_epochs)
     precision = fitting.set_precision(precision)
     keras.utils.set_random_seed(seed)
-    hypermodel = ResNetHyperModel(arrays, epochs_per_trial, augment, seed, precision)
-    project = project_name(arrays, oracle, epochs_per_trial, seed, augment, precision, project_key)
+    schedule = schedule_epochs(oracle, epochs_per_trial, train_epochs)
+    hypermodel = ResNetHyperModel(arrays, schedule, augment, seed, precision)
+    project = project_name(arrays, oracle, epochs_per_trial, seed, augment, precision, project_key, schedule)
     if mlflow.active_run():
         mlflow.set_tag(PROJECT_TAG, project)
     resuming = resume and (config.tuner_dir() / project).exists()
@@ -586,6 +628,7 @@ def run(
     precision: str = config.PRECISION,
     resume: bool = True,
     project_key: str = "",
+    train_epochs: int = config.EPOCHS,
 ) -> dict:
     """Search learning rate and batch size on `arrays`; write the results to `out_dir`.
 
@@ -594,12 +637,26 @@ def run(
     continues: finished trials are kept and not run again; without it the old state
     is wiped. `project_key` names the data (main passes the onehot run id).
 
+    With `train_epochs` (not hyperband), every trial trains the first `epochs_per_trial`
+    epochs of a `train_epochs`-epoch training, its learning-rate schedule included, and
+    the best one's state is left in out_dir/config.BEST_TRIAL_DIR for train to continue
+    (with TRAINING_KEY_FILE, the fitting.training_key it is the start of).
+
     Returns best_params ({"learning_rate", "batch_size"}), best_val_accuracy, trials
-    (TRIAL_COLUMNS), new_trials and project_dir. Raises PipelineError for impossible
-    parameters and when no trial finishes.
+    (TRIAL_COLUMNS), new_trials, project_dir and best_state (the folder, or None).
+    Raises PipelineError for impossible parameters and when no trial finishes.
     """
     with open_search(
-        arrays, oracle, max_trials, epochs_per_trial, seed, augment, precision, resume, project_key
+        arrays,
+        oracle,
+        max_trials,
+        epochs_per_trial,
+        seed,
+        augment,
+        precision,
+        resume,
+        project_key,
+        train_epochs,
     ) as tuner:
         known = sum(trial.status == "COMPLETED" for trial in tuner.oracle.trials.values())
         log.info(
@@ -615,11 +672,21 @@ def run(
         if cluster.tuner_role() == cluster.CHIEF and parent:  # the workers know the trials' runs
             tuner.trial_runs.update(trial_runs_under(parent.info.run_id))
             tuner.save()
+        state = tuner.keep_best_state()
     # Summarise
     trials = trials_table(tuner, epochs_per_trial)
     best = best_row(trials)
     best_params = {"learning_rate": float(best["learning_rate"]), "batch_size": int(best["batch_size"])}
     out_dir.mkdir(parents=True, exist_ok=True)
+    best_state = None
+    if state is not None and state.parent.name == f"trial_{best['trial_id']}":
+        best_state = out_dir / config.BEST_TRIAL_DIR
+        shutil.move(state, best_state)
+        key = fitting.training_key(
+            project_key, **best_params, epochs=train_epochs, seed=seed, augment=augment, precision=precision
+        )
+        key["trial_run_id"] = best["run_id"]
+        (best_state / config.TRAINING_KEY_FILE).write_text(json.dumps(key, indent=1) + "\n")
     (out_dir / config.BEST_PARAMS_FILE).write_text(json.dumps(best_params, indent=1) + "\n")
     trials.to_csv(out_dir / config.TRIALS_FILE, index=False)
     plot_trials(trials, best, out_dir / config.TRIALS_PLOT_FILE)
@@ -629,6 +696,7 @@ def run(
         "trials": trials,
         "new_trials": sum(trial.status == "COMPLETED" for trial in tuner.oracle.trials.values()) - known,
         "project_dir": Path(tuner.project_dir),
+        "best_state": best_state,
     }
 
 
@@ -656,6 +724,7 @@ def work(
     augment: bool = config.AUGMENT,
     precision: str = config.PRECISION,
     project_key: str = "",
+    train_epochs: int = config.EPOCHS,
 ) -> list[str]:
     """As a Keras Tuner worker, run the chief's trials until it has none left; returns their ids.
 
@@ -667,7 +736,16 @@ def work(
     trial to this one.
     """
     with open_search(
-        arrays, oracle, max_trials, epochs_per_trial, seed, augment, precision, True, project_key
+        arrays,
+        oracle,
+        max_trials,
+        epochs_per_trial,
+        seed,
+        augment,
+        precision,
+        True,
+        project_key,
+        train_epochs,
     ) as tuner:
         tuner.parent_run_id = parent_run_id
         cluster.end_running_children(parent_run_id, {TUNER_ID_TAG: tuner.tuner_id}, RunStatus.KILLED)
@@ -707,6 +785,14 @@ def parse_args(argv: list[str] | None):
         type=cli.positive_int,
         default=config.EPOCHS_PER_TRIAL,
         help="hyperband: the most epochs one model trains",
+    )
+    parser.add_argument(
+        "--train-epochs",
+        type=cli.non_negative_int,
+        default=config.EPOCHS,
+        help="the training each trial is the start of: its learning-rate schedule spans this many "
+        "epochs, and train continues the best trial; 0: each trial's schedule ends with it "
+        "(hyperband: always)",
     )
     parser.add_argument("--seed", type=cli.seed, default=config.SEED)
     parser.add_argument("--augment", type=cli.boolean, default=config.AUGMENT)
@@ -768,7 +854,7 @@ def run_worker(args) -> None:
 @cli.entry_point
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    check_params(args.oracle, args.max_trials, args.epochs_per_trial, args.seed)
+    check_params(args.oracle, args.max_trials, args.epochs_per_trial, args.seed, args.train_epochs)
     role = cluster.tuner_role()
     if role not in (None, cluster.CHIEF):
         return run_worker(args)

@@ -1,5 +1,7 @@
 """The train stage: a real (tiny) training run, its records, and the registered model."""
 
+import logging
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -108,3 +110,66 @@ def test_tune_run_id_of_another_stage_is_refused(mlflow_store):
         mlflow.set_tag(config.STAGE_TAG, "ingest")
     with pytest.raises(PipelineError, match="of stage .ingest., not .tune."):
         train.tuned_hyperparameters(other.info.run_id)
+
+
+def tune_then_train(tmp_path, monkeypatch, train_options):
+    """A one-trial search of 1 epoch that starts a 3-epoch training, then train on its result."""
+    from pipeline import tune
+
+    monkeypatch.setenv(config.EAGER_ENV, "1")  # no 30-90 s of graph tracing per process
+    monkeypatch.setenv(config.TUNER_DIR_ENV, str(tmp_path / "tuner"))
+    ingest.main(["--source", str(make_tree(tmp_path / "photos", per_class=3)), "--image-size", "32"])
+    onehot.main([])
+    search = ["--oracle", "random", "--max-trials", "1", "--epochs-per-trial", "1", "--train-epochs", "3"]
+    tune.main([*search, "--precision", "float32"])
+    tune_run = tracking.find_run("tune", "")
+    train.main(["--tune-run-id", tune_run.info.run_id, "--precision", "float32", *train_options])
+    return tune_run, tracking.find_run("train", "")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_train_continues_the_search_best_trial_as_its_first_epochs(mlflow_store, tmp_path, monkeypatch):
+    tune_run, run = tune_then_train(tmp_path, monkeypatch, ["--epochs", "3", "--min-epochs", "1"])
+    client = mlflow.MlflowClient()
+    (trial_run,) = mlflow.search_runs(
+        experiment_names=["tests"],
+        filter_string=f"tags.`mlflow.parentRunId` = '{tune_run.info.run_id}'",
+        output_format="list",
+    )
+    assert run.data.tags[config.STARTED_FROM_TAG] == trial_run.info.run_id
+    # The trial's epoch is the training's first, logged from its state: its own timing, not a new one.
+    (trial_epoch,) = client.get_metric_history(trial_run.info.run_id, "epoch_time_s")
+    epoch_times = sorted(client.get_metric_history(run.info.run_id, "epoch_time_s"), key=lambda m: m.step)
+    assert [m.step for m in epoch_times] == [0, 1, 2]
+    assert epoch_times[0].value == trial_epoch.value
+    assert epoch_times[1].value != trial_epoch.value
+    # The learning rate goes on along the 3-epoch schedule the trial started.
+    rates = sorted(client.get_metric_history(run.info.run_id, "learning_rate"), key=lambda m: m.step)
+    assert rates[0].value == client.get_metric_history(trial_run.info.run_id, "learning_rate")[0].value
+    assert rates[0].value < rates[1].value  # warm-up: the step counter came with the state
+    assert run.data.metrics["epochs_trained"] == 3 and run.data.tags[config.MODEL_VERSION_TAG] == "1"
+    # The state left the search's folder with the tune run; the training's backup went at its end.
+    assert not list((tmp_path / "tuner").glob(f"*/trial_*/{config.BEST_TRIAL_DIR}"))
+    assert not list((tmp_path / "tuner").glob("*/trial_*/state"))
+    assert not list((tmp_path / "checkpoints").glob("train-*/"))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        (["--epochs", "2", "--min-epochs", "1"], "(epochs differ)"),  # another schedule
+        (["--epochs", "3", "--min-epochs", "0"], "more than min_epochs (0)"),  # early stopping's epochs
+    ],
+)
+def test_train_starts_from_the_first_epoch_when_the_trial_is_not_its_start(
+    mlflow_store, tmp_path, monkeypatch, caplog, options, reason
+):
+    caplog.set_level(logging.INFO, logger="pipeline.train")
+    _, run = tune_then_train(tmp_path, monkeypatch, options)
+    assert config.STARTED_FROM_TAG not in run.data.tags
+    assert reason in caplog.text and "training from the first epoch" in caplog.text
+    steps = mlflow.MlflowClient().get_metric_history(run.info.run_id, "epoch_time_s")
+    assert sorted(m.step for m in steps) == list(range(int(options[1])))

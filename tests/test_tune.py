@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from conftest import make_tree
 
-from pipeline import config, ingest, onehot, tune
+from pipeline import config, fitting, ingest, onehot, tune
 from pipeline.errors import PipelineError
 
 EPOCHS = 1
@@ -190,7 +190,10 @@ def test_run_refuses_impossible_parameters_before_any_work(arrays, tmp_path, tun
 
 
 def test_a_broken_search_state_asks_for_resume_false(mlflow_store, arrays, tmp_path, tuner_dir):
-    project = tuner_dir / tune.project_name(arrays, "random", EPOCHS, config.SEED, config.AUGMENT, "float32")
+    name = tune.project_name(
+        arrays, "random", EPOCHS, config.SEED, config.AUGMENT, "float32", "", config.EPOCHS
+    )
+    project = tuner_dir / name
     project.mkdir(parents=True)
     for name in ("oracle.json", "tuner0.json"):
         (project / name).write_text('{"ongoing_trials": ')
@@ -257,7 +260,7 @@ def test_keras_tuner_json_is_written_atomically(tmp_path):
 
 
 @pytest.mark.slow
-def test_search_logs_a_parent_run_and_one_child_run_per_trial(onehot_run, eager):
+def test_search_logs_a_parent_run_and_one_child_run_per_trial(onehot_run, eager, tuner_dir):
     tune_main("--max-trials", "2")
     (parent,) = stage_runs("tune")
     num_train = stage_runs("ingest")[0].data.metrics["num_train"]
@@ -290,6 +293,12 @@ def test_search_logs_a_parent_run_and_one_child_run_per_trial(onehot_run, eager)
     assert len(trials) == 2 and set(trials["status"]) == {"COMPLETED"}
     assert set(trials["run_id"]) == {run.info.run_id for run in runs}
     assert artifact(parent, config.TRIALS_PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # One training state is kept, the best trial's, with the training it is the start of.
+    key = json.loads(artifact(parent, f"{config.BEST_TRIAL_DIR}/{config.TRAINING_KEY_FILE}").read_text())
+    assert key["trial_run_id"] in set(trials["run_id"])
+    assert (key["learning_rate"], key["batch_size"]) == (best["learning_rate"], best["batch_size"])
+    assert key["onehot_run_id"] == onehot_run.info.run_id and key["epochs"] == config.EPOCHS
+    assert not list(tuner_dir.glob(f"*/trial_*/{tune.STATE_DIR}"))
 
 
 @pytest.mark.slow
@@ -348,8 +357,17 @@ def test_each_oracle_runs_a_one_trial_search(mlflow_store, arrays, eager, tmp_pa
         }
     checkpoints = list(Path(result["project_dir"]).glob("trial_*/checkpoint*"))
     assert len(checkpoints) == (1 if oracle == "hyperband" else 0)  # only Hyperband reads them again
+    # The best trial's state, for train to continue; Hyperband's trials are no training's start.
+    state = {config.BEST_TRIAL_DIR} if oracle != "hyperband" else set()
     assert {path.name for path in (tmp_path / "out").iterdir()} == {
         config.BEST_PARAMS_FILE,
         config.TRIALS_FILE,
         config.TRIALS_PLOT_FILE,
+        *state,
     }
+    assert not list(Path(result["project_dir"]).glob(f"trial_*/{tune.STATE_DIR}"))  # moved, not copied
+    if state:
+        assert fitting.Backup.read(result["best_state"])["epoch"] == EPOCHS
+        key = json.loads((result["best_state"] / config.TRAINING_KEY_FILE).read_text())
+        assert key["epochs"] == config.EPOCHS and key["batch_size"] == result["best_params"]["batch_size"]
+        assert key["trial_run_id"] == trials.loc[0, "run_id"]
