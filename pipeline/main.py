@@ -32,8 +32,6 @@ def run(args: argparse.Namespace) -> dict[str, str]:
                 "oracle": args.oracle,
                 "max_trials": args.max_trials,
                 "epochs_per_trial": args.epochs_per_trial,
-                # The trials are the training's first epochs, and train continues the best one.
-                "train_epochs": args.epochs if args.epochs > args.epochs_per_trial else 0,
                 "seed": args.seed,
                 "augment": args.augment,
                 "precision": args.precision,

@@ -1,7 +1,11 @@
 """Tune: a Keras Tuner search over learning rate and batch size, one MLflow child run per trial.
 
 Every trial trains the same ResNet50 recipe (pipeline.fitting) from the same seed, so
-trials differ only in the two hyperparameters. The search state lives under
+trials differ only in the two hyperparameters. With `train_epochs`, a trial is the first
+`epochs_per_trial` epochs of a `train_epochs`-epoch training (its learning-rate schedule
+spans them all), and the best trial's state is logged for `train --tune-run-id` to
+continue rather than repeat; a resumed search whose best trial was logged by an earlier
+tune run has none to log. The search state lives under
 config.tuner_dir()/<project>, where <project> is a hash of what defines the search;
 running again with the same parameters continues it (see `project_name`).
 
@@ -395,7 +399,7 @@ def rss_mib() -> float:
 
 
 def check_params(
-    oracle: str, max_trials: int, epochs_per_trial: int, seed: int, train_epochs: int = config.EPOCHS
+    oracle: str, max_trials: int, epochs_per_trial: int, seed: int, train_epochs: int = config.TRAIN_EPOCHS
 ) -> None:
     """Raise PipelineError naming the parameter when a value is impossible."""
     if oracle not in config.ORACLES:
@@ -578,7 +582,7 @@ def open_search(
     precision: str,
     resume: bool,
     project_key: str,
-    train_epochs: int = config.EPOCHS,
+    train_epochs: int = config.TRAIN_EPOCHS,
 ) -> Iterator[keras_tuner.Tuner]:
     """The tuner of this search (`project_name`), its state reloaded when `resume`, else wiped,
     held under a lock for this Keras Tuner id (one process per id runs the search).
@@ -628,7 +632,7 @@ def run(
     precision: str = config.PRECISION,
     resume: bool = True,
     project_key: str = "",
-    train_epochs: int = config.EPOCHS,
+    train_epochs: int = config.TRAIN_EPOCHS,
 ) -> dict:
     """Search learning rate and batch size on `arrays`; write the results to `out_dir`.
 
@@ -724,7 +728,7 @@ def work(
     augment: bool = config.AUGMENT,
     precision: str = config.PRECISION,
     project_key: str = "",
-    train_epochs: int = config.EPOCHS,
+    train_epochs: int = config.TRAIN_EPOCHS,
 ) -> list[str]:
     """As a Keras Tuner worker, run the chief's trials until it has none left; returns their ids.
 
@@ -789,10 +793,10 @@ def parse_args(argv: list[str] | None):
     parser.add_argument(
         "--train-epochs",
         type=cli.non_negative_int,
-        default=config.EPOCHS,
+        default=config.TRAIN_EPOCHS,
         help="the training each trial is the start of: its learning-rate schedule spans this many "
-        "epochs, and train continues the best trial; 0: each trial's schedule ends with it "
-        "(hyperband: always)",
+        "epochs, and train --tune-run-id continues the best trial; 0 (default): each trial's "
+        "schedule ends with it (hyperband: always)",
     )
     parser.add_argument("--seed", type=cli.seed, default=config.SEED)
     parser.add_argument("--augment", type=cli.boolean, default=config.AUGMENT)

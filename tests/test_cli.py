@@ -55,6 +55,8 @@ CASES = [
     # tune
     ("tune", ["--max-trials", "0"], ["--max-trials", ">= 1, got 0"]),
     ("tune", ["--epochs-per-trial", "-3"], ["--epochs-per-trial", ">= 1, got -3"]),
+    ("tune", ["--train-epochs", "8"], ["train_epochs=8", "more than epochs_per_trial (8)", "or 0"]),
+    ("tune", ["--train-epochs", "-1"], ["--train-epochs", ">= 0, got -1"]),
     ("tune", ["--oracle", "annealing"], ["--oracle", "invalid choice: 'annealing'", "'hyperband'"]),
     ("tune", ["--precision", "float16"], ["--precision", "invalid choice: 'float16'", "'mixed_bfloat16'"]),
     ("tune", ["--seed", TOO_BIG_SEED], ["--seed", "from 0 to 4294967295"]),

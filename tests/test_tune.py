@@ -190,10 +190,7 @@ def test_run_refuses_impossible_parameters_before_any_work(arrays, tmp_path, tun
 
 
 def test_a_broken_search_state_asks_for_resume_false(mlflow_store, arrays, tmp_path, tuner_dir):
-    name = tune.project_name(
-        arrays, "random", EPOCHS, config.SEED, config.AUGMENT, "float32", "", config.EPOCHS
-    )
-    project = tuner_dir / name
+    project = tuner_dir / tune.project_name(arrays, "random", EPOCHS, config.SEED, config.AUGMENT, "float32")
     project.mkdir(parents=True)
     for name in ("oracle.json", "tuner0.json"):
         (project / name).write_text('{"ongoing_trials": ')
@@ -261,7 +258,7 @@ def test_keras_tuner_json_is_written_atomically(tmp_path):
 
 @pytest.mark.slow
 def test_search_logs_a_parent_run_and_one_child_run_per_trial(onehot_run, eager, tuner_dir):
-    tune_main("--max-trials", "2")
+    tune_main("--max-trials", "2", "--train-epochs", str(config.EPOCHS))
     (parent,) = stage_runs("tune")
     num_train = stage_runs("ingest")[0].data.metrics["num_train"]
     assert parent.info.status == "FINISHED"
@@ -307,6 +304,10 @@ def test_resume_runs_only_new_trials_and_no_resume_starts_over(onehot_run, eager
     tune_main("--max-trials", "2", "--oracle", "random", "--resume", "true")
     first, second = stage_runs("tune")
     assert [run.data.tags[tune.TRIAL_ID_TAG] for run in children(first)] == ["0"]
+    # By default a trial's schedule ends with it: no training state is kept or logged.
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(first.info.run_id, config.TUNE_ARTIFACT)}
+    assert f"{config.TUNE_ARTIFACT}/{config.BEST_TRIAL_DIR}" not in logged and len(logged) == 3
+    assert not list(tuner_dir.glob(f"*/trial_*/{tune.STATE_DIR}"))
     assert [run.data.tags[tune.TRIAL_ID_TAG] for run in children(second)] == ["1"]
     assert second.data.metrics["num_new_trials"] == 1 and second.data.metrics["num_trials"] == 2
     trials = pd.read_csv(artifact(second, config.TRIALS_FILE), dtype={"trial_id": str})
@@ -346,6 +347,7 @@ def test_each_oracle_runs_a_one_trial_search(mlflow_store, arrays, eager, tmp_pa
             max_trials=1,
             epochs_per_trial=EPOCHS,
             precision="float32",
+            train_epochs=config.EPOCHS,
         )
     trials = result["trials"]
     assert len(trials) == 1 and trials.loc[0, "status"] == "COMPLETED" and trials.loc[0, "epochs"] == EPOCHS
