@@ -180,8 +180,9 @@ def tuned_hyperparameters(tune_run_id: str) -> dict:
         ) from None
 
 
-def continue_trial(tune_run_id: str, key: dict, min_epochs: int, backup_dir: Path, run_id: str) -> int:
-    """Make the search's best trial the start of this training; returns its epochs (0: none).
+def continue_trial(tune_run_id: str, key: dict, min_epochs: int, backup_dir: Path, run_id: str) -> str | None:
+    """Make the search's best trial the start of this training; returns the trial's run id, or
+    None when training starts from the first epoch.
 
     A tune run with `train_epochs` leaves its best trial's state (fitting.Backup) with the
     fitting.training_key of the training it is the start of. When that key is `key`, and
@@ -205,7 +206,7 @@ def continue_trial(tune_run_id: str, key: dict, min_epochs: int, backup_dir: Pat
             trained = json.loads((folder / config.TRAINING_KEY_FILE).read_text())
         except (MlflowException, OSError, ValueError):
             log.info("tune run %s left no trial to continue: training from the first epoch", tune_run_id)
-            return 0
+            return None
         state = fitting.Backup.read(folder)
         differences = sorted(name for name in key if trained.get(name) != key[name])
         if state is None or differences:
@@ -213,7 +214,7 @@ def continue_trial(tune_run_id: str, key: dict, min_epochs: int, backup_dir: Pat
                 "the search's best trial started another training (%s differ): training from the first epoch",
                 ", ".join(differences) or "its state is unreadable",
             )
-            return 0
+            return None
         if state["epoch"] > min_epochs:
             log.info(
                 "the search's best trial trained %d epochs, more than min_epochs (%d), where early "
@@ -221,18 +222,17 @@ def continue_trial(tune_run_id: str, key: dict, min_epochs: int, backup_dir: Pat
                 state["epoch"],
                 min_epochs,
             )
-            return 0
+            return None
         files.write_text(folder / fitting.Backup.STATE, json.dumps({**state, "run_id": run_id}, indent=1))
         (folder / config.TRAINING_KEY_FILE).unlink()
         shutil.rmtree(backup_dir, ignore_errors=True)
         folder.rename(backup_dir)
-    mlflow.set_tag(config.STARTED_FROM_TAG, trained.get("trial_run_id", ""))
     log.info(
         "continuing the search's best trial (run %s): its %d epochs are this training's first",
         trained.get("trial_run_id"),
         state["epoch"],
     )
-    return state["epoch"]
+    return trained.get("trial_run_id", "")
 
 
 def finished_onehot(onehot_run_id: str) -> Run | None:
@@ -429,7 +429,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.tune_run_id and backup_dir and not resume and fitting.Backup.read(backup_dir) is None:
             training = ("learning_rate", "batch_size", "epochs", "seed", "augment", "precision")
             key = fitting.training_key(onehot_run.info.run_id, **{name: options[name] for name in training})
-            continue_trial(args.tune_run_id, key, options["min_epochs"], backup_dir, active.info.run_id)
+            trial = continue_trial(
+                args.tune_run_id, key, options["min_epochs"], backup_dir, active.info.run_id
+            )
+            if trial is not None:
+                mlflow.set_tag(config.STARTED_FROM_TAG, trial)
 
         arrays = data.load(onehot_run)
         out_dir = Path(tmp) / config.TRAIN_ARTIFACT

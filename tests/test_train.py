@@ -1,5 +1,6 @@
 """The train stage: a real (tiny) training run, its records, and the registered model."""
 
+import json
 import logging
 
 import mlflow
@@ -8,7 +9,7 @@ import pandas as pd
 import pytest
 from conftest import make_tree
 
-from pipeline import config, ingest, onehot, tracking, train
+from pipeline import config, fitting, ingest, onehot, tracking, train
 from pipeline.errors import PipelineError
 
 
@@ -129,7 +130,9 @@ def tune_then_train(tmp_path, monkeypatch, train_options):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_train_continues_the_search_best_trial_as_its_first_epochs(mlflow_store, tmp_path, monkeypatch):
+def test_train_continues_the_search_best_trial_as_its_first_epochs(
+    mlflow_store, tmp_path, monkeypatch, caplog
+):
     tune_run, run = tune_then_train(tmp_path, monkeypatch, ["--epochs", "3", "--min-epochs", "1"])
     client = mlflow.MlflowClient()
     (trial_run,) = mlflow.search_runs(
@@ -153,23 +156,26 @@ def test_train_continues_the_search_best_trial_as_its_first_epochs(mlflow_store,
     assert not list((tmp_path / "tuner").glob(f"*/trial_*/{config.BEST_TRIAL_DIR}"))
     assert not list((tmp_path / "tuner").glob("*/trial_*/state"))
     assert not list((tmp_path / "checkpoints").glob("train-*/"))
-
-
-@pytest.mark.slow
-@pytest.mark.integration
-@pytest.mark.parametrize(
-    ("options", "reason"),
-    [
-        (["--epochs", "2", "--min-epochs", "1"], "(epochs differ)"),  # another schedule
-        (["--epochs", "3", "--min-epochs", "0"], "more than min_epochs (0)"),  # early stopping's epochs
-    ],
-)
-def test_train_starts_from_the_first_epoch_when_the_trial_is_not_its_start(
-    mlflow_store, tmp_path, monkeypatch, caplog, options, reason
-):
+    # A training the trial is not the start of starts from its first epoch, and says why.
+    key = json.loads(
+        tracking.download(
+            tune_run, f"{config.TUNE_ARTIFACT}/{config.BEST_TRIAL_DIR}/{config.TRAINING_KEY_FILE}"
+        ).read_text()
+    )
+    key = {name: value for name, value in key.items() if name != "trial_run_id"}
+    backup_dir = tmp_path / "checkpoints" / "other"
     caplog.set_level(logging.INFO, logger="pipeline.train")
-    _, run = tune_then_train(tmp_path, monkeypatch, options)
-    assert config.STARTED_FROM_TAG not in run.data.tags
-    assert reason in caplog.text and "training from the first epoch" in caplog.text
-    steps = mlflow.MlflowClient().get_metric_history(run.info.run_id, "epoch_time_s")
-    assert sorted(m.step for m in steps) == list(range(int(options[1])))
+    for other, min_epochs, reason in [
+        ({**key, "epochs": 2}, 1, "(epochs differ)"),  # another schedule
+        ({**key, "seed": 43}, 1, "(seed differ)"),
+        (key, 0, "more than min_epochs (0)"),  # epochs in which early stopping had a say
+    ]:
+        caplog.clear()
+        assert (
+            train.continue_trial(tune_run.info.run_id, other, min_epochs, backup_dir, run.info.run_id) is None
+        )
+        assert reason in caplog.text and "training from the first epoch" in caplog.text
+        assert not backup_dir.exists()
+    continued = train.continue_trial(tune_run.info.run_id, key, 1, backup_dir, run.info.run_id)
+    assert continued == run.data.tags[config.STARTED_FROM_TAG]  # the control: the same search continues
+    assert fitting.Backup.read(backup_dir)["run_id"] == run.info.run_id
