@@ -209,10 +209,13 @@ def continue_trial(tune_run_id: str, key: dict, min_epochs: int, backup_dir: Pat
             return None
         state = fitting.Backup.read(folder)
         differences = sorted(name for name in key if trained.get(name) != key[name])
-        if state is None or differences:
+        if state is None:
+            log.info("the search's best trial left no readable state: training from the first epoch")
+            return None
+        if differences:
             log.info(
                 "the search's best trial started another training (%s differ): training from the first epoch",
-                ", ".join(differences) or "its state is unreadable",
+                ", ".join(differences),
             )
             return None
         if state["epoch"] > min_epochs:

@@ -448,7 +448,6 @@ def project_name(
         "project_key": project_key,
         "oracle": oracle,
         "epochs_per_trial": epochs_per_trial,
-        "schedule_epochs": schedule or epochs_per_trial,
         "seed": seed,
         "augment": augment,
         "precision": precision,
@@ -457,6 +456,8 @@ def project_name(
         "bayesian_initial_points": config.BAYESIAN_INITIAL_POINTS,
         "recipe": fitting.recipe(),
     }
+    if schedule and schedule != epochs_per_trial:  # absent otherwise: a search keeps its old name
+        search["schedule_epochs"] = schedule
     return f"{oracle}-{hashlib.sha256(json.dumps(search, sort_keys=True).encode()).hexdigest()[:12]}"
 
 
@@ -683,7 +684,7 @@ def run(
     best_params = {"learning_rate": float(best["learning_rate"]), "batch_size": int(best["batch_size"])}
     out_dir.mkdir(parents=True, exist_ok=True)
     best_state = None
-    if state is not None and state.parent.name == f"trial_{best['trial_id']}":
+    if state is not None and state == tuner.state_dir(best["trial_id"]):
         best_state = out_dir / config.BEST_TRIAL_DIR
         shutil.move(state, best_state)
         key = fitting.training_key(
