@@ -13,8 +13,10 @@ Variants, each in a fresh process:
 - reference-predict: the reference model's `predict` on 64 preprocessed 64x64 images;
 - project-predict: the registered pyfunc, loaded with mlflow.pyfunc.load_model, on 64 raw JPEG
   photos (decoding and preprocessing included), as served by default: test-time augmentation,
-  5 forward passes a photo;
-- project-predict-single: the same with `test_time_augmentation` off (one forward pass a photo).
+  5 forward passes a photo, stages 3-5 in bfloat16 (the first of config.SERVING_BFLOAT16_CANDIDATES,
+  which train serves when the validation photos allow it; this untrained model is not checked);
+- project-predict-single: the same with `test_time_augmentation` off (one forward pass a photo);
+- project-predict-single-float32: that, all in float32 (what train serves when no candidate passes).
 
 Each variant warms up first (tracing, oneDNN primitive creation), then times `--repeat`
 repetitions: an epoch of `--steps` steps for training, one call for inference. Prints median,
@@ -132,7 +134,7 @@ def jpeg_photos(count: int) -> list[bytes]:
     return photos
 
 
-def project_predict(repeat: int, params: dict | None = None) -> list[float]:
+def project_predict(repeat: int, params: dict | None = None, float32: bool = False) -> list[float]:
     """The pyfunc as the registry hands it out, logged to a throw-away SQLite store."""
     import mlflow
     import pandas as pd
@@ -145,7 +147,8 @@ def project_predict(repeat: int, params: dict | None = None) -> list[float]:
         fitting.set_precision(config.PRECISION)
         model = fitting.new_model(64, 10)
         with mlflow.start_run():
-            info = serving.log_model(model, "benchmark", jpeg_photos(1)[0])
+            stages = () if float32 else config.SERVING_BFLOAT16_CANDIDATES[0]
+            info = serving.log_model(model, "benchmark", jpeg_photos(1)[0], stages)
         served = mlflow.pyfunc.load_model(info.model_uri)
         batch = pd.DataFrame({"image": jpeg_photos(PREDICT_BATCH)})
         return time_calls(lambda: served.predict(batch, params), repeat)
@@ -162,8 +165,9 @@ def run_child(variant: str, steps: int, repeat: int) -> dict:
         seconds, images = reference_predict(repeat), PREDICT_BATCH
     elif variant == "project-predict":
         seconds, images = project_predict(repeat), PREDICT_BATCH
-    elif variant == "project-predict-single":
-        seconds, images = project_predict(repeat, {"test_time_augmentation": False}), PREDICT_BATCH
+    elif variant in ("project-predict-single", "project-predict-single-float32"):
+        single = {"test_time_augmentation": False}
+        seconds, images = project_predict(repeat, single, variant.endswith("float32")), PREDICT_BATCH
     else:
         raise SystemExit(f"unknown variant {variant!r}")
     rates = [images / s for s in seconds]
@@ -205,17 +209,21 @@ def ratios(rows: dict[str, dict], batch_size: int) -> dict[str, float]:
         ),
         "predict: project pyfunc / reference predict": ("project-predict", "reference-predict"),
         "predict: project pyfunc, one view / reference": ("project-predict-single", "reference-predict"),
+        "predict: project pyfunc, one view, float32 / reference": (
+            "project-predict-single-float32",
+            "reference-predict",
+        ),
     }
     return {name: rate[a] / rate[b] for name, (a, b) in pairs.items() if a in rate and b in rate}
 
 
 def print_table(rows: dict[str, dict], found: dict[str, float]) -> None:
-    print(f"{'variant':<26}{'images/s':>10}{'range':>18}{'peak RSS MiB':>14}")
+    print(f"{'variant':<32}{'images/s':>10}{'range':>18}{'peak RSS MiB':>14}")
     for row in rows.values():
         spread = f"{row['min']:.1f}-{row['max']:.1f}"
-        print(f"{row['variant']:<26}{row['images_per_s']:>10.1f}{spread:>18}{row['peak_rss_mib']:>14.0f}")
+        print(f"{row['variant']:<32}{row['images_per_s']:>10.1f}{spread:>18}{row['peak_rss_mib']:>14.0f}")
     for name, value in found.items():
-        print(f"{name:<52}{value:>6.2f}x")
+        print(f"{name:<56}{value:>6.2f}x")
 
 
 def log_to_mlflow(rows: dict[str, dict], found: dict[str, float], path: Path) -> None:
@@ -256,6 +264,7 @@ def main() -> None:
     batch = config.BATCH_SIZE
     variants = sorted({"reference-train-b32", f"reference-train-b{batch}", "project-train-b32"})
     variants += [f"project-train-b{batch}", "reference-predict", "project-predict", "project-predict-single"]
+    variants += ["project-predict-single-float32"]
     rows = {}
     for variant in dict.fromkeys(args.variants or variants):
         rows[variant] = measure(variant, args.steps, args.repeat)

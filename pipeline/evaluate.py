@@ -90,7 +90,7 @@ def run(model_uri: str, x_test: np.ndarray, y_test: np.ndarray, out_dir: Path) -
 def agreement(
     served: mlflow.pyfunc.PyFuncModel, x: np.ndarray, probabilities: np.ndarray, shift: int = 0
 ) -> dict:
-    """How closely the served model (batch norms folded, in config.SERVING_PRECISION) follows the
+    """How closely the served model (batch norms folded, some stages in bfloat16) follows the
     trained float32 Keras model it was made from, over the same views (`shift`: its test-time
     shift): share of equal top-1 digits and the largest gap between probabilities. Empty for a
     pyfunc that is not ours."""

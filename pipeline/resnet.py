@@ -17,6 +17,7 @@ probabilities, and each batch norm runs as one fused TensorFlow kernel
 """
 
 import numbers
+import re
 
 import keras
 import numpy as np
@@ -24,6 +25,7 @@ from keras import layers
 
 BN_EPSILON = 1.001e-5  # as keras.applications.ResNet50
 MIN_SIDE = 32  # five stride-2 reductions leave a 1x1 map at 32x32
+_BLOCK_LAYER = re.compile(r"(?:res|bn)([2-5])[a-z]_")  # res4b_branch2a, bn4b_branch2a, res4b_add
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
@@ -173,6 +175,30 @@ def build_resnet50(input_shape=(64, 64, 3), num_classes=10, bn_momentum=0.99, ba
         if isinstance(layer, layers.BatchNormalization):
             layer.momentum = float(bn_momentum)
     return model
+
+
+def stage(layer_name: str) -> int:
+    """The stage of a layer of `build_resnet50` by its name: 1 for the stem (conv1 to pool1),
+    2-5 for the bottleneck blocks, 0 for the rest (input, rescaling, pooling, classifier)."""
+    block = _BLOCK_LAYER.match(layer_name)
+    if block:
+        return int(block.group(1))
+    return 1 if layer_name.startswith(("conv1", "bn_conv1", "pool1")) else 0
+
+
+def with_bfloat16_stages(model: keras.Model, stages) -> keras.Model:
+    """A copy of `model` (from `build_resnet50`, folded or not) whose layers in `stages` compute in
+    mixed_bfloat16 (float32 weights, bfloat16 math: AMX on CPUs that have it); the others keep
+    their dtype policy. Same weights."""
+    stages = set(stages)
+    model_config = model.get_config()
+    policy = keras.dtype_policies.serialize(keras.DTypePolicy("mixed_bfloat16"))
+    for layer in model_config["layers"]:
+        if stage(layer["config"]["name"]) in stages:
+            layer["config"]["dtype"] = policy
+    copy = keras.Model.from_config(model_config)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def fold_batch_norm(model: keras.Model) -> keras.Model:

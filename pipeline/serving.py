@@ -49,6 +49,7 @@ message naming the photo and what to send ("image 3: not valid base64; send ..."
 
 import base64
 import binascii
+import gc
 import io
 import logging
 import re
@@ -77,6 +78,7 @@ log = logging.getLogger(__name__)
 KERAS_ARTIFACT = "keras_model"
 KERAS_FILE = "model.keras"
 TEST_TIME_SHIFT_KEY = "test_time_shift"  # in the logged model's model_config
+BFLOAT16_STAGES_KEY = "bfloat16_stages"  # in the logged model's model_config
 TEST_TIME_AUGMENTATION = "test_time_augmentation"  # the predict parameter
 PACKAGE_DIR = Path(__file__).resolve().parent
 # What loading the served model imports; pinned to the versions it was logged with.
@@ -98,7 +100,10 @@ class SignDigitsModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         self.keras_file = context.artifacts[KERAS_ARTIFACT]  # the trained model, as logged
-        self.model = inference_model(keras.saving.load_model(self.keras_file, compile=False))
+        # Models logged before mixed precision serving name no stages: they answer in float32.
+        self.bfloat16_stages = tuple((context.model_config or {}).get(BFLOAT16_STAGES_KEY, ()))
+        trained = keras.saving.load_model(self.keras_file, compile=False)
+        self.model = inference_model(trained, self.bfloat16_stages)
         _, height, width, channels = self.model.input_shape
         if height != width or channels != 3:
             raise PipelineError(f"the served model needs square RGB input; got {self.model.input_shape}")
@@ -116,11 +121,12 @@ class SignDigitsModel(mlflow.pyfunc.PythonModel):
             lambda pixels: mean_over_views(forward, pixels, self.test_time_shift), input_signature=[spec]
         )
         log.info(
-            "loaded a %dx%d model with %d classes; test-time shift %d pixels",
+            "loaded a %dx%d model with %d classes; test-time shift %d pixels; bfloat16 stages %s",
             self.image_size,
             self.image_size,
             self.num_classes,
             self.test_time_shift,
+            list(self.bfloat16_stages) or "none",
         )
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
@@ -165,19 +171,60 @@ def mean_over_views(predict, pixels, shift: int):
     return tf.reduce_mean(by_view, axis=0)
 
 
-def inference_model(model: keras.Model) -> keras.Model:
+def inference_model(model: keras.Model, bfloat16_stages=()) -> keras.Model:
     """The model to serve: a ResNet-50's batch norms folded into its convolutions, computed in
-    config.SERVING_PRECISION; other models as they are."""
-    from pipeline import fitting
-
+    float32 but for the stages in `bfloat16_stages` (mixed_bfloat16); other models as they are."""
     if not any(layer.name == "bn_conv1" for layer in model.layers):
         return model
     policy = keras.mixed_precision.global_policy()
     try:
-        fitting.set_precision(config.SERVING_PRECISION)
-        return resnet.fold_batch_norm(model)
+        keras.mixed_precision.set_global_policy("float32")
+        folded = resnet.fold_batch_norm(model)
     finally:
         keras.mixed_precision.set_global_policy(policy)
+    return resnet.with_bfloat16_stages(folded, bfloat16_stages) if bfloat16_stages else folded
+
+
+def choose_bfloat16_stages(model: keras.Model, photos: np.ndarray) -> tuple[tuple[int, ...], float]:
+    """The first of config.SERVING_BFLOAT16_CANDIDATES (fastest first) whose served network, on
+    `photos` (uint8, the model's input size: the validation split), gives the float32 network's
+    digits and probabilities within config.SERVING_MAX_PROBABILITY_GAP of it, with that largest
+    gap; ((), 0.0) when none does or the model is not a ResNet-50 (served in float32)."""
+    float32 = inference_model(model)
+    if float32 is model:
+        return (), 0.0
+    try:
+        return _first_close_enough(float32, photos)
+    finally:
+        del float32
+        gc.collect()  # the copies' weights (95 MB each) before train logs the model
+
+
+def _first_close_enough(float32: keras.Model, photos: np.ndarray) -> tuple[tuple[int, ...], float]:
+    expected = forward(float32, photos)
+    for stages in config.SERVING_BFLOAT16_CANDIDATES:
+        answers = forward(resnet.with_bfloat16_stages(float32, stages), photos)
+        gap = float(np.abs(answers - expected).max())
+        same_digits = np.array_equal(answers.argmax(axis=1), expected.argmax(axis=1))
+        log.info(
+            "stages %s in bfloat16: probabilities up to %.4f from float32 on %d photos%s",
+            list(stages),
+            gap,
+            len(photos),
+            "" if same_digits else ", other digits",
+        )
+        if same_digits and gap <= config.SERVING_MAX_PROBABILITY_GAP:
+            return tuple(stages), gap
+    return (), 0.0
+
+
+def forward(model: keras.Model, photos: np.ndarray) -> np.ndarray:
+    """`model`'s probabilities for uint8 photos, config.PREDICT_CHUNK_SIZE at a time, traced as
+    the served model traces it (graph mode fuses ops, which changes bfloat16 rounding)."""
+    infer = tf.function(lambda pixels: model(pixels, training=False))
+    chunks = range(0, len(photos), config.PREDICT_CHUNK_SIZE)
+    pixels = [tf.constant(photos[start : start + config.PREDICT_CHUNK_SIZE], tf.float32) for start in chunks]
+    return np.concatenate([np.asarray(infer(batch), dtype=np.float64) for batch in pixels])
 
 
 def predictions_frame(probabilities: np.ndarray) -> pd.DataFrame:
@@ -327,9 +374,11 @@ def log_model(
     keras_model: keras.Model,
     registered_model_name: str | None = config.MODEL_NAME,
     example_image: bytes | None = None,
+    bfloat16_stages=(),
 ) -> ModelInfo:
     """Log `keras_model` as a pyfunc `SignDigitsModel` (float32, no optimizer) in the active run,
-    answering with test-time augmentation (config.TEST_TIME_SHIFT) unless a request turns it off.
+    answering with test-time augmentation (config.TEST_TIME_SHIFT) unless a request turns it off,
+    its ResNet stages `bfloat16_stages` computed in bfloat16 (see `choose_bfloat16_stages`).
 
     Registers a new version of `registered_model_name` unless it is None.
     `example_image` (encoded JPEG/PNG bytes) becomes the input example; by default a
@@ -351,7 +400,10 @@ def log_model(
             signature=signature(int(model.output_shape[-1])),
             input_example=example,
             pip_requirements=requirements(),
-            model_config={TEST_TIME_SHIFT_KEY: config.TEST_TIME_SHIFT},
+            model_config={
+                TEST_TIME_SHIFT_KEY: config.TEST_TIME_SHIFT,
+                BFLOAT16_STAGES_KEY: [int(stage) for stage in bfloat16_stages],
+            },
             registered_model_name=registered_model_name,
         )
 

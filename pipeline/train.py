@@ -452,7 +452,10 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
         mlflow.log_artifacts(str(out_dir), artifact_path=config.TRAIN_ARTIFACT)
-        info = serving.log_model(model, args.model_name, example_png(arrays["x_val"][0]))
+        stages, gap = serving.choose_bfloat16_stages(model, arrays["x_val"])
+        mlflow.set_tag(config.SERVING_STAGES_TAG, ",".join(map(str, stages)) or "none")
+        mlflow.log_metric("serving_validation_probability_gap", gap)
+        info = serving.log_model(model, args.model_name, example_png(arrays["x_val"][0]), stages)
         mlflow.set_tags(
             {
                 config.ONEHOT_RUN_TAG: onehot_run.info.run_id,

@@ -181,6 +181,47 @@ def test_folded_batch_norm_computes_the_same_function():
     assert expected.std() > 0.01  # the random statistics really changed the output
 
 
+@pytest.mark.slow
+def test_chosen_stages_compute_in_bfloat16_with_the_same_weights():
+    from pipeline.resnet import fold_batch_norm, stage, with_bfloat16_stages
+
+    trained = build_resnet50((32, 32, 3), 10)
+    stages = {layer.name: stage(layer.name) for layer in trained.layers}
+    assert {name for name, number in stages.items() if number == 1} == {
+        "conv1_pad",
+        "conv1",
+        "bn_conv1",
+        "conv1_relu",
+        "pool1",
+    }
+    assert {name for name, number in stages.items() if number == 0} == {
+        "pixels",
+        "rescale",
+        "avg_pool",
+        "flatten",
+        "fc",
+        "probabilities",
+    }
+    assert stages["res3a_branch1"] == stages["bn3a_branch1"] == stages["res3d_out"] == 3
+    assert stages["res5c_add"] == stages["bn5c_branch2c"] == 5
+    assert sum(number == 4 for number in stages.values()) > sum(number == 3 for number in stages.values())
+
+    folded = fold_batch_norm(trained)
+    mixed = with_bfloat16_stages(folded, (4, 5))
+    for layer in mixed.layers:
+        in_bfloat16 = stage(layer.name) in (4, 5)
+        assert layer.dtype_policy.compute_dtype == ("bfloat16" if in_bfloat16 else "float32"), layer.name
+        assert layer.dtype_policy.variable_dtype == "float32", layer.name
+    for original, copy in zip(folded.weights, mixed.weights, strict=True):
+        np.testing.assert_array_equal(original.numpy(), copy.numpy())
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("float32")
+    expected = folded(pixels, training=False).numpy()
+    got = mixed(pixels, training=False).numpy()
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=2e-2)
+    assert np.abs(got - expected).max() > 0  # bfloat16 rounding shows: the stages really changed
+
+
 def test_folding_refuses_another_model():
     from pipeline.resnet import fold_batch_norm
 

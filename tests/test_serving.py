@@ -264,7 +264,11 @@ def test_answers_average_five_shifted_views_unless_a_request_turns_it_off(mlflow
 
 
 def test_the_shift_is_stored_with_the_model_and_the_parameter_in_its_signature(served):
-    assert served.model_config == {serving.TEST_TIME_SHIFT_KEY: config.TEST_TIME_SHIFT}
+    # log_model's default: every stage in float32.
+    assert served.model_config == {
+        serving.TEST_TIME_SHIFT_KEY: config.TEST_TIME_SHIFT,
+        serving.BFLOAT16_STAGES_KEY: [],
+    }
     (param,) = served.metadata.signature.params.params
     assert (param.name, param.dtype.name, param.default) == (serving.TEST_TIME_AUGMENTATION, "boolean", True)
 
@@ -277,7 +281,7 @@ def test_a_model_logged_without_a_shift_answers_from_the_photo_alone(tmp_path, k
     old.load_context(
         mlflow.pyfunc.PythonModelContext(artifacts={serving.KERAS_ARTIFACT: str(path)}, model_config={})
     )
-    assert old.test_time_shift == 0
+    assert old.test_time_shift == 0 and old.bfloat16_stages == ()
     batch = pixels((3, 64, 64, 3))
     np.testing.assert_allclose(
         old.predict(None, batch)[PROBABILITIES], expected_probabilities(keras_model, batch, 0), atol=1e-5
@@ -495,3 +499,47 @@ def test_a_bf16_resnet50_is_stored_in_float32_and_served_folded_agreeing_with_it
     )
     assert answer.returncode == 0, answer.stderr[-3000:]
     assert answer.stdout.split()[-1] in tuple("0123456789")  # one digit, not a substring
+
+
+@pytest.mark.slow
+def test_the_served_network_runs_the_fastest_bfloat16_stages_that_stay_close_to_float32(
+    mlflow_store, monkeypatch
+):
+    from pipeline import resnet
+
+    keras.utils.set_random_seed(1)
+    model = resnet.build_resnet50((32, 32, 3), config.NUM_CLASSES)
+    kernel, bias = model.get_layer("fc").get_weights()
+    spread = np.random.default_rng(1).normal(0, 20 / np.sqrt(len(kernel)), kernel.shape)
+    model.get_layer("fc").set_weights([spread.astype(np.float32), bias])  # answers far from uniform
+    photos = np.stack([pixels((32, 32, 3), seed) for seed in range(8)])
+    float32 = serving.inference_model(model)
+    expected = serving.forward(float32, photos)
+    gaps = {
+        stages: np.abs(serving.forward(resnet.with_bfloat16_stages(float32, stages), photos) - expected).max()
+        for stages in config.SERVING_BFLOAT16_CANDIDATES
+    }
+    assert min(gaps.values()) > 0
+
+    # The first candidate within the allowed gap wins, whatever its place.
+    for allowed in sorted(gaps.values()):
+        monkeypatch.setattr(config, "SERVING_MAX_PROBABILITY_GAP", float(allowed))
+        first = next(stages for stages, gap in gaps.items() if gap <= allowed)
+        assert serving.choose_bfloat16_stages(model, photos) == (first, pytest.approx(gaps[first]))
+    monkeypatch.setattr(config, "SERVING_MAX_PROBABILITY_GAP", min(gaps.values()) / 2)
+    assert serving.choose_bfloat16_stages(model, photos) == ((), 0.0)
+    assert serving.choose_bfloat16_stages(tiny_classifier(), photos) == ((), 0.0)  # not a ResNet-50
+
+    # The logged model names its stages, and the served network computes them in bfloat16.
+    stages = config.SERVING_BFLOAT16_CANDIDATES[0]
+    with mlflow.start_run():
+        info = serving.log_model(model, registered_model_name=None, bfloat16_stages=stages)
+    served = mlflow.pyfunc.load_model(info.model_uri)
+    assert served.model_config[serving.BFLOAT16_STAGES_KEY] == list(stages)
+    network = served.unwrap_python_model().model
+    computed = {layer.name: layer.dtype_policy.compute_dtype for layer in network.layers}
+    assert {computed[name] for name in computed if resnet.stage(name) in stages} == {"bfloat16"}
+    assert {computed[name] for name in computed if resnet.stage(name) not in stages} == {"float32"}
+    answers = served.predict(pd.DataFrame({"image": list(photos)}), {"test_time_augmentation": False})
+    np.testing.assert_allclose(answers[PROBABILITIES].to_numpy(), expected, atol=gaps[stages] + 1e-6)
+    np.testing.assert_array_equal(answers["digit"].to_numpy(), expected.argmax(axis=1))

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from conftest import make_tree
 
-from pipeline import config, fitting, ingest, onehot, tracking, train
+from pipeline import config, fitting, ingest, onehot, serving, tracking, train
 from pipeline.errors import PipelineError
 
 
@@ -100,6 +100,11 @@ def test_main_registers_a_model_that_loads_by_name(mlflow_store, tmp_path):
         f"{config.TRAIN_ARTIFACT}/{config.HISTORY_FILE}",
     } <= names
     model = mlflow.pyfunc.load_model("models:/tiny-digits/1")
+    # The served stages in bfloat16 were picked on the validation photos and are the ones logged.
+    stages = model.model_config[serving.BFLOAT16_STAGES_KEY]
+    assert tuple(stages) in config.SERVING_BFLOAT16_CANDIDATES + ((),)
+    assert run.data.tags[config.SERVING_STAGES_TAG] == (",".join(map(str, stages)) or "none")
+    assert 0 <= run.data.metrics["serving_validation_probability_gap"] <= config.SERVING_MAX_PROBABILITY_GAP
     ingest_run = tracking.find_run("ingest", run.data.tags[config.INGEST_RUN_TAG])
     photos = ingest.load(tracking.download(ingest_run, config.INGEST_ARTIFACT))
     predictions = model.predict(pd.DataFrame({"image": list(photos["x_test"])}))
