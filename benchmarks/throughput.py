@@ -13,8 +13,9 @@ Variants, each in a fresh process:
 - reference-predict: the reference model's `predict` on 64 preprocessed 64x64 images;
 - project-predict: the registered pyfunc, loaded with mlflow.pyfunc.load_model, on 64 raw JPEG
   photos (decoding and preprocessing included), as served by default: test-time augmentation,
-  5 forward passes a photo, stages 3-5 in bfloat16 (the first of config.SERVING_BFLOAT16_CANDIDATES,
-  which train serves when the validation photos allow it; this untrained model is not checked);
+  5 forward passes a photo, stages 3-5 in bfloat16 (`--bfloat16-stages`; by default the first of
+  config.SERVING_BFLOAT16_CANDIDATES, what train serves when the validation photos allow it; this
+  untrained model is not checked);
 - project-predict-single: the same with `test_time_augmentation` off (one forward pass a photo);
 - project-predict-single-float32: that, all in float32 (what train serves when no candidate passes).
 
@@ -134,7 +135,7 @@ def jpeg_photos(count: int) -> list[bytes]:
     return photos
 
 
-def project_predict(repeat: int, params: dict | None = None, float32: bool = False) -> list[float]:
+def project_predict(repeat: int, stages: tuple[int, ...], params: dict | None = None) -> list[float]:
     """The pyfunc as the registry hands it out, logged to a throw-away SQLite store."""
     import mlflow
     import pandas as pd
@@ -147,14 +148,13 @@ def project_predict(repeat: int, params: dict | None = None, float32: bool = Fal
         fitting.set_precision(config.PRECISION)
         model = fitting.new_model(64, 10)
         with mlflow.start_run():
-            stages = () if float32 else config.SERVING_BFLOAT16_CANDIDATES[0]
             info = serving.log_model(model, "benchmark", jpeg_photos(1)[0], stages)
         served = mlflow.pyfunc.load_model(info.model_uri)
         batch = pd.DataFrame({"image": jpeg_photos(PREDICT_BATCH)})
         return time_calls(lambda: served.predict(batch, params), repeat)
 
 
-def run_child(variant: str, steps: int, repeat: int) -> dict:
+def run_child(variant: str, steps: int, repeat: int, stages: tuple[int, ...]) -> dict:
     """Measure one variant in this process."""
     kind, _, batch = variant.rpartition("-b") if "-train-" in variant else (variant, "", "")
     if kind == "reference-train":
@@ -164,10 +164,11 @@ def run_child(variant: str, steps: int, repeat: int) -> dict:
     elif variant == "reference-predict":
         seconds, images = reference_predict(repeat), PREDICT_BATCH
     elif variant == "project-predict":
-        seconds, images = project_predict(repeat), PREDICT_BATCH
+        seconds, images = project_predict(repeat, stages), PREDICT_BATCH
     elif variant in ("project-predict-single", "project-predict-single-float32"):
-        single = {"test_time_augmentation": False}
-        seconds, images = project_predict(repeat, single, variant.endswith("float32")), PREDICT_BATCH
+        stages = () if variant.endswith("float32") else stages
+        seconds = project_predict(repeat, stages, {"test_time_augmentation": False})
+        images = PREDICT_BATCH
     else:
         raise SystemExit(f"unknown variant {variant!r}")
     rates = [images / s for s in seconds]
@@ -178,14 +179,23 @@ def run_child(variant: str, steps: int, repeat: int) -> dict:
         "max": max(rates),
         "repeats": len(rates),
         "peak_rss_mib": peak_rss_mib(),
+        **({"bfloat16_stages": list(stages)} if variant.startswith("project-predict") else {}),
     }
 
 
-def measure(variant: str, steps: int, repeat: int) -> dict:
+def measure(variant: str, steps: int, repeat: int, stages: tuple[int, ...]) -> dict:
     """Run one variant in a fresh interpreter and return its figures."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+    options = [
+        "--steps",
+        str(steps),
+        "--repeat",
+        str(repeat),
+        "--bfloat16-stages",
+        ",".join(map(str, stages)),
+    ]
     done = subprocess.run(
-        [sys.executable, __file__, "--child", variant, "--steps", str(steps), "--repeat", str(repeat)],
+        [sys.executable, __file__, "--child", variant, *options],
         capture_output=True,
         text=True,
         env=env,
@@ -243,6 +253,16 @@ def log_to_mlflow(rows: dict[str, dict], found: dict[str, float], path: Path) ->
         mlflow.log_artifact(str(path))
 
 
+def stage_list(text: str) -> tuple[int, ...]:
+    try:
+        stages = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: stages are numbers 2-5, like 4,5") from None
+    if not set(stages) <= {2, 3, 4, 5}:
+        raise argparse.ArgumentTypeError(f"{text!r}: stages are numbers 2-5, like 4,5")
+    return stages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions per variant")
@@ -251,15 +271,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--mlflow", action="store_true", help="also log the table to MLflow")
     parser.add_argument("--variants", nargs="+", help="measure only these (default: all)")
+    parser.add_argument(
+        "--bfloat16-stages",
+        type=stage_list,
+        help="ResNet stages the served network computes in bfloat16, like 4,5; empty: none "
+        "(default: the first of config.SERVING_BFLOAT16_CANDIDATES)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from pipeline import config
+
+    stages = config.SERVING_BFLOAT16_CANDIDATES[0] if args.bfloat16_stages is None else args.bfloat16_stages
     if args.child:
-        print(json.dumps(run_child(args.child, args.steps, args.repeat)))
+        print(json.dumps(run_child(args.child, args.steps, args.repeat, stages)))
         return
     if args.tiny:
         args.repeat, args.steps = 1, 1
-    sys.path.insert(0, str(ROOT))
-    from pipeline import config
 
     batch = config.BATCH_SIZE
     variants = sorted({"reference-train-b32", f"reference-train-b{batch}", "project-train-b32"})
@@ -267,7 +295,7 @@ def main() -> None:
     variants += ["project-predict-single-float32"]
     rows = {}
     for variant in dict.fromkeys(args.variants or variants):
-        rows[variant] = measure(variant, args.steps, args.repeat)
+        rows[variant] = measure(variant, args.steps, args.repeat, stages)
         print(f"  {variant}: {rows[variant]['images_per_s']:.1f} images/s", file=sys.stderr, flush=True)
     found = ratios(rows, batch)
     print_table(rows, found)

@@ -100,8 +100,12 @@ class SignDigitsModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         self.keras_file = context.artifacts[KERAS_ARTIFACT]  # the trained model, as logged
-        # Models logged before mixed precision serving name no stages: they answer in float32.
-        self.bfloat16_stages = tuple((context.model_config or {}).get(BFLOAT16_STAGES_KEY, ()))
+        from pipeline import fitting
+
+        # Models logged before mixed precision serving name no stages: they answer in float32, as
+        # does every model on a machine without native bfloat16 (emulated, it would be slower).
+        stages = tuple((context.model_config or {}).get(BFLOAT16_STAGES_KEY, ()))
+        self.bfloat16_stages = stages if stages and fitting.bf16_is_native() else ()
         trained = keras.saving.load_model(self.keras_file, compile=False)
         self.model = inference_model(trained, self.bfloat16_stages)
         _, height, width, channels = self.model.input_shape
