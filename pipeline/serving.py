@@ -143,11 +143,7 @@ class SignDigitsModel(mlflow.pyfunc.PythonModel):
         shifted = test_time_augmentation(params) and self.test_time_shift > 0
         infer = self._infer_shifted if shifted else self._infer
         pixels = build_batch(model_input, self.image_size)
-        chunks = [
-            infer(tf.constant(pixels[start : start + config.PREDICT_CHUNK_SIZE], tf.float32)).numpy()
-            for start in range(0, len(pixels), config.PREDICT_CHUNK_SIZE)
-        ]
-        return predictions_frame(np.concatenate(chunks))
+        return predictions_frame(in_chunks(infer, pixels))
 
 
 def test_time_augmentation(params: dict | None) -> bool:
@@ -197,15 +193,8 @@ def choose_bfloat16_stages(model: keras.Model, photos: np.ndarray) -> tuple[tupl
     float32 = inference_model(model)
     if float32 is model:
         return (), 0.0
-    try:
-        return _first_close_enough(float32, photos)
-    finally:
-        del float32
-        gc.collect()  # the copies' weights (95 MB each) before train logs the model
-
-
-def _first_close_enough(float32: keras.Model, photos: np.ndarray) -> tuple[tuple[int, ...], float]:
     expected = forward(float32, photos)
+    chosen = (), 0.0
     for stages in config.SERVING_BFLOAT16_CANDIDATES:
         answers = forward(resnet.with_bfloat16_stages(float32, stages), photos)
         gap = float(np.abs(answers - expected).max())
@@ -218,17 +207,27 @@ def _first_close_enough(float32: keras.Model, photos: np.ndarray) -> tuple[tuple
             "" if same_digits else ", other digits",
         )
         if same_digits and gap <= config.SERVING_MAX_PROBABILITY_GAP:
-            return tuple(stages), gap
-    return (), 0.0
+            chosen = tuple(stages), gap
+            break
+    del float32
+    gc.collect()  # Keras models hold reference cycles: free the copies before train logs the model
+    return chosen
 
 
 def forward(model: keras.Model, photos: np.ndarray) -> np.ndarray:
-    """`model`'s probabilities for uint8 photos, config.PREDICT_CHUNK_SIZE at a time, traced as
-    the served model traces it (graph mode fuses ops, which changes bfloat16 rounding)."""
-    infer = tf.function(lambda pixels: model(pixels, training=False))
-    chunks = range(0, len(photos), config.PREDICT_CHUNK_SIZE)
-    pixels = [tf.constant(photos[start : start + config.PREDICT_CHUNK_SIZE], tf.float32) for start in chunks]
-    return np.concatenate([np.asarray(infer(batch), dtype=np.float64) for batch in pixels])
+    """`model`'s probabilities for uint8 photos, traced as the served model traces it (graph mode
+    fuses ops, which changes bfloat16 rounding)."""
+    return in_chunks(tf.function(lambda pixels: model(pixels, training=False)), photos)
+
+
+def in_chunks(infer, pixels: np.ndarray) -> np.ndarray:
+    """`infer` (a float32 batch in, probabilities out) over `pixels`, config.PREDICT_CHUNK_SIZE at a
+    time, as float64."""
+    size = config.PREDICT_CHUNK_SIZE
+    chunks = [
+        infer(tf.constant(pixels[start : start + size], tf.float32)) for start in range(0, len(pixels), size)
+    ]
+    return np.concatenate([np.asarray(chunk, dtype=np.float64) for chunk in chunks])
 
 
 def predictions_frame(probabilities: np.ndarray) -> pd.DataFrame:
