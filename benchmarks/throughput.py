@@ -12,12 +12,15 @@ Variants, each in a fresh process:
   pipeline with augmentation, at batch N;
 - reference-predict: the reference model's `predict` on 64 preprocessed 64x64 images;
 - project-predict: the registered pyfunc, loaded with mlflow.pyfunc.load_model, on 64 raw JPEG
-  photos (decoding and preprocessing included), as served by default: test-time augmentation,
-  5 forward passes a photo, stages 3-5 in bfloat16 (`--bfloat16-stages`; by default the first of
-  config.SERVING_BFLOAT16_CANDIDATES, what train serves when the validation photos allow it; this
-  untrained model is not checked);
+  photos (decoding and preprocessing included), as served by default: test-time augmentation for
+  the photos below the confidence gate, stages 3-5 in bfloat16 (`--bfloat16-stages`; by default the
+  first of config.SERVING_BFLOAT16_CANDIDATES, what train serves when the validation photos allow
+  it; this untrained model is not checked). The untrained model is unsure of every photo: this is
+  the worst case, 5 forward passes a photo. `--model` and `--photos` measure a trained model on
+  real photos instead, for example the test split of the run that trained it;
 - project-predict-single: the same with `test_time_augmentation` off (one forward pass a photo);
-- project-predict-single-float32: that, all in float32 (what train serves when no candidate passes).
+- project-predict-single-float32: that, all in float32 (what train serves when no candidate passes;
+  not with `--model`).
 
 Each variant warms up first (tracing, oneDNN primitive creation), then times `--repeat`
 repetitions: an epoch of `--steps` steps for training, one call for inference. Prints median,
@@ -32,11 +35,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "throughput.json"
 PREDICT_BATCH = 64
+PREDICT_VARIANTS = ("project-predict", "project-predict-single", "project-predict-single-float32")
 
 
 def peak_rss_mib() -> float:
@@ -135,40 +140,72 @@ def jpeg_photos(count: int) -> list[bytes]:
     return photos
 
 
-def project_predict(repeat: int, stages: tuple[int, ...], params: dict | None = None) -> list[float]:
-    """The pyfunc as the registry hands it out, logged to a throw-away SQLite store."""
+def photo_files(path: Path, count: int) -> list[bytes]:
+    """`count` photos (.jpg, .jpeg, .png) from a folder or .zip, spread evenly over their sorted names."""
+    suffixes = (".jpg", ".jpeg", ".png")
+    if path.suffix.lower() == ".zip":
+        with zipfile.ZipFile(path) as archive:
+            names = sorted(name for name in archive.namelist() if name.lower().endswith(suffixes))
+            picked = names[:: max(1, len(names) // count)][:count]
+            photos = [archive.read(name) for name in picked]
+    else:
+        names = sorted(file for file in path.rglob("*") if file.suffix.lower() in suffixes)
+        photos = [file.read_bytes() for file in names[:: max(1, len(names) // count)][:count]]
+    if len(photos) < count:
+        raise SystemExit(f"--photos {path}: {len(photos)} photos (.jpg, .jpeg, .png); need {count}")
+    return photos
+
+
+def project_predict(variant: str, args) -> tuple[list[float], dict]:
+    """Seconds per call of the pyfunc as the registry hands it out, and what it was: the model at
+    `--model`, or an untrained one logged to a throw-away SQLite store; on 64 photos from the folder
+    or .zip `--photos`, or random JPEGs."""
     import mlflow
     import pandas as pd
 
-    from pipeline import config, fitting, serving
+    from pipeline import config, fitting, serving, tracking
 
+    photos = photo_files(args.photos, PREDICT_BATCH) if args.photos else jpeg_photos(PREDICT_BATCH)
+    batch = pd.DataFrame({"image": photos})
+    single = variant.startswith("project-predict-single")
+    params = {serving.TEST_TIME_AUGMENTATION: False} if single else None
     with tempfile.TemporaryDirectory() as tmp:
-        os.chdir(tmp)
-        mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
-        fitting.set_precision(config.PRECISION)
-        model = fitting.new_model(64, 10)
-        with mlflow.start_run():
-            info = serving.log_model(model, "benchmark", jpeg_photos(1)[0], stages)
-        served = mlflow.pyfunc.load_model(info.model_uri)
-        batch = pd.DataFrame({"image": jpeg_photos(PREDICT_BATCH)})
-        return time_calls(lambda: served.predict(batch, params), repeat)
+        if args.model:
+            tracking.configure()
+            served = mlflow.pyfunc.load_model(args.model)
+        else:
+            os.chdir(tmp)
+            mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+            fitting.set_precision(config.PRECISION)
+            stages = () if variant.endswith("float32") else args.bfloat16_stages
+            with mlflow.start_run():
+                info = serving.log_model(fitting.new_model(64, 10), "benchmark", jpeg_photos(1)[0], stages)
+            served = mlflow.pyfunc.load_model(info.model_uri)
+        seconds = time_calls(lambda: served.predict(batch, params), args.repeat)
+        model_config = served.model_config or {}
+        confidence = served.predict(batch, {serving.TEST_TIME_AUGMENTATION: False})["confidence"]
+        gate = model_config.get(serving.TEST_TIME_GATE_KEY)
+        shifted = 0.0 if single else float((confidence < gate).mean()) if gate is not None else 1.0
+    return seconds, {
+        "bfloat16_stages": model_config.get(serving.BFLOAT16_STAGES_KEY, []),
+        "share_shifted": shifted,
+    }
 
 
-def run_child(variant: str, steps: int, repeat: int, stages: tuple[int, ...]) -> dict:
+def run_child(variant: str, args) -> dict:
     """Measure one variant in this process."""
     kind, _, batch = variant.rpartition("-b") if "-train-" in variant else (variant, "", "")
+    served = {}
     if kind == "reference-train":
-        seconds, images = reference_train(int(batch), steps, repeat), int(batch) * steps
+        seconds, images = reference_train(int(batch), args.steps, args.repeat), int(batch) * args.steps
     elif kind == "project-train":
-        seconds, images = project_train(int(batch), steps, repeat), int(batch) * steps
+        seconds, images = project_train(int(batch), args.steps, args.repeat), int(batch) * args.steps
     elif variant == "reference-predict":
-        seconds, images = reference_predict(repeat), PREDICT_BATCH
-    elif variant == "project-predict":
-        seconds, images = project_predict(repeat, stages), PREDICT_BATCH
-    elif variant in ("project-predict-single", "project-predict-single-float32"):
-        stages = () if variant.endswith("float32") else stages
-        seconds = project_predict(repeat, stages, {"test_time_augmentation": False})
-        images = PREDICT_BATCH
+        seconds, images = reference_predict(args.repeat), PREDICT_BATCH
+    elif variant in PREDICT_VARIANTS:
+        if args.model and variant.endswith("float32"):
+            raise SystemExit(f"{variant}: not with --model (a registered model's stages are its own)")
+        (seconds, served), images = project_predict(variant, args), PREDICT_BATCH
     else:
         raise SystemExit(f"unknown variant {variant!r}")
     rates = [images / s for s in seconds]
@@ -179,21 +216,17 @@ def run_child(variant: str, steps: int, repeat: int, stages: tuple[int, ...]) ->
         "max": max(rates),
         "repeats": len(rates),
         "peak_rss_mib": peak_rss_mib(),
-        **({"bfloat16_stages": list(stages)} if variant.startswith("project-predict") else {}),
+        **served,
     }
 
 
-def measure(variant: str, steps: int, repeat: int, stages: tuple[int, ...]) -> dict:
+def measure(variant: str, args) -> dict:
     """Run one variant in a fresh interpreter and return its figures."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
-    options = [
-        "--steps",
-        str(steps),
-        "--repeat",
-        str(repeat),
-        "--bfloat16-stages",
-        ",".join(map(str, stages)),
-    ]
+    options = ["--steps", str(args.steps), "--repeat", str(args.repeat)]
+    options += ["--bfloat16-stages", ",".join(map(str, args.bfloat16_stages))]
+    options += ["--model", args.model] if args.model else []
+    options += ["--photos", str(args.photos)] if args.photos else []
     done = subprocess.run(
         [sys.executable, __file__, "--child", variant, *options],
         capture_output=True,
@@ -228,10 +261,14 @@ def ratios(rows: dict[str, dict], batch_size: int) -> dict[str, float]:
 
 
 def print_table(rows: dict[str, dict], found: dict[str, float]) -> None:
-    print(f"{'variant':<32}{'images/s':>10}{'range':>18}{'peak RSS MiB':>14}")
+    print(f"{'variant':<32}{'images/s':>10}{'range':>18}{'peak RSS MiB':>14}{'shifted':>9}")
     for row in rows.values():
         spread = f"{row['min']:.1f}-{row['max']:.1f}"
-        print(f"{row['variant']:<32}{row['images_per_s']:>10.1f}{spread:>18}{row['peak_rss_mib']:>14.0f}")
+        shifted = f"{row['share_shifted']:.0%}" if "share_shifted" in row else ""
+        print(
+            f"{row['variant']:<32}{row['images_per_s']:>10.1f}{spread:>18}{row['peak_rss_mib']:>14.0f}"
+            f"{shifted:>9}"
+        )
     for name, value in found.items():
         print(f"{name:<56}{value:>6.2f}x")
 
@@ -277,14 +314,19 @@ def main() -> None:
         help="ResNet stages the served network computes in bfloat16, like 4,5; empty: none "
         "(default: the first of config.SERVING_BFLOAT16_CANDIDATES)",
     )
+    parser.add_argument("--model", help="a served model's URI, like models:/sign-digits-resnet50/latest")
+    parser.add_argument("--photos", type=Path, help="a folder or .zip of photos to predict (64 of them)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from pipeline import config
 
-    stages = config.SERVING_BFLOAT16_CANDIDATES[0] if args.bfloat16_stages is None else args.bfloat16_stages
+    if args.bfloat16_stages is None:
+        args.bfloat16_stages = config.SERVING_BFLOAT16_CANDIDATES[0]
+    if args.photos and not args.photos.exists():
+        parser.error(f"--photos {args.photos}: no such folder or .zip")
     if args.child:
-        print(json.dumps(run_child(args.child, args.steps, args.repeat, stages)))
+        print(json.dumps(run_child(args.child, args)))
         return
     if args.tiny:
         args.repeat, args.steps = 1, 1
@@ -292,10 +334,10 @@ def main() -> None:
     batch = config.BATCH_SIZE
     variants = sorted({"reference-train-b32", f"reference-train-b{batch}", "project-train-b32"})
     variants += [f"project-train-b{batch}", "reference-predict", "project-predict", "project-predict-single"]
-    variants += ["project-predict-single-float32"]
+    variants += [] if args.model else ["project-predict-single-float32"]
     rows = {}
     for variant in dict.fromkeys(args.variants or variants):
-        rows[variant] = measure(variant, args.steps, args.repeat, stages)
+        rows[variant] = measure(variant, args)
         print(f"  {variant}: {rows[variant]['images_per_s']:.1f} images/s", file=sys.stderr, flush=True)
     found = ratios(rows, batch)
     print_table(rows, found)

@@ -62,8 +62,8 @@ def run(model_uri: str, x_test: np.ndarray, y_test: np.ndarray, out_dir: Path) -
     every prediction to `out_dir`; returns test_accuracy, test_loss, macro_f1 and
     num_misclassified, and for a model of this pipeline how closely it follows its Keras
     model and, when it answers with test-time augmentation, test_accuracy_single_view
-    (the photo alone). Raises PipelineError when the URI does not load or the arrays do
-    not match.
+    (every photo alone) and test_share_shifted (the share of photos it also shifted). Raises
+    PipelineError when the URI does not load or the arrays do not match.
     """
     from pipeline import serving  # TensorFlow: not imported before the arguments are checked
 
@@ -73,11 +73,16 @@ def run(model_uri: str, x_test: np.ndarray, y_test: np.ndarray, out_dir: Path) -
     probabilities = predictions[PROBABILITY_COLUMNS].to_numpy(dtype=np.float64)
     predicted = predictions["digit"].to_numpy(dtype=np.int64)
     confidence = predictions["confidence"].to_numpy(dtype=np.float64)
-    shift = getattr(served.unwrap_python_model(), "test_time_shift", 0)
-    metrics = {**score(y_test, predicted, probabilities), **agreement(served, x_test, probabilities, shift)}
-    if shift:
-        single = predict(served, x_test, {serving.TEST_TIME_AUGMENTATION: False})["digit"].to_numpy()
-        metrics["test_accuracy_single_view"] = float(np.mean(single == y_test))
+    metrics = score(y_test, predicted, probabilities)
+    if getattr(served.unwrap_python_model(), "test_time_shift", 0):
+        single = predict(served, x_test, {serving.TEST_TIME_AUGMENTATION: False})
+        single = single[PROBABILITY_COLUMNS].to_numpy(dtype=np.float64)
+        shifted = shifted_photos(served, single)
+        metrics["test_accuracy_single_view"] = float(np.mean(single.argmax(axis=1) == y_test))
+        metrics["test_share_shifted"] = float(np.mean(shifted))
+    else:
+        shifted = np.zeros(len(x_test), dtype=bool)
+    metrics.update(agreement(served, x_test, probabilities, shifted))
     # Write
     out_dir.mkdir(parents=True, exist_ok=True)
     per_class(y_test, predicted).to_csv(out_dir / config.REPORT_FILE, index=False)
@@ -87,14 +92,22 @@ def run(model_uri: str, x_test: np.ndarray, y_test: np.ndarray, out_dir: Path) -
     return metrics
 
 
+def shifted_photos(served: mlflow.pyfunc.PyFuncModel, single: np.ndarray) -> np.ndarray:
+    """Which photos our served model answers with test-time augmentation, given its one-view
+    probabilities `single`: those below its confidence gate (all for a model logged without one)."""
+    gate = served.unwrap_python_model().test_time_gate
+    return np.ones(len(single), dtype=bool) if gate is None else single.max(axis=1) < gate
+
+
 def agreement(
-    served: mlflow.pyfunc.PyFuncModel, x: np.ndarray, probabilities: np.ndarray, shift: int = 0
+    served: mlflow.pyfunc.PyFuncModel, x: np.ndarray, probabilities: np.ndarray, shifted: np.ndarray
 ) -> dict:
     """How closely the served model (batch norms folded, some stages in bfloat16) follows the
-    trained float32 Keras model it was made from, over the same views (`shift`: its test-time
-    shift): share of equal top-1 digits and the largest gap between probabilities. Empty for a
-    pyfunc that is not ours."""
-    keras_file = getattr(served.unwrap_python_model(), "keras_file", None)
+    trained float32 Keras model it was made from, over the same views (the shifted copies too for
+    the photos in the mask `shifted`): share of equal top-1 digits and the largest gap between
+    probabilities. Empty for a pyfunc that is not ours."""
+    python_model = served.unwrap_python_model()
+    keras_file = getattr(python_model, "keras_file", None)
     if keras_file is None:
         return {}
     import keras
@@ -104,12 +117,13 @@ def agreement(
     trained = keras.saving.load_model(keras_file, compile=False)
 
     def keras_predict(batch):
-        return trained.predict(batch, batch_size=config.PREDICT_CHUNK_SIZE, verbose=0)
+        return np.asarray(trained.predict(batch, batch_size=config.PREDICT_CHUNK_SIZE, verbose=0))
 
     pixels = x.astype(np.float32)
-    expected = np.asarray(
-        serving.mean_over_views(keras_predict, pixels, shift) if shift else keras_predict(pixels)
-    )
+    expected = keras_predict(pixels)
+    if shifted.any():
+        averaged = serving.mean_over_views(keras_predict, pixels[shifted], python_model.test_time_shift)
+        expected[shifted] = np.asarray(averaged)
     return {
         "served_top1_agreement": float(np.mean(expected.argmax(axis=1) == probabilities.argmax(axis=1))),
         "served_max_probability_gap": float(np.abs(expected - probabilities).max()),

@@ -21,10 +21,12 @@ list of arrays or a 4-D array, and spreads a list of nested lists over columns.
 
 The answer has one row per photo, in order: `digit` (int64), `confidence`
 (float64, the largest probability) and `p0` ... `p9` (float64 probabilities).
-The probabilities are the mean over the photo and four copies of it shifted by
-a few pixels (test-time augmentation, `config.TEST_TIME_SHIFT`): 5 forward
-passes a photo. `model.predict(photos, params={"test_time_augmentation": False})`
-gives the network's answer on the photo alone, about 3.5 times faster.
+For a photo the network is unsure of (confidence below `config.TEST_TIME_GATE`)
+the probabilities are the mean over the photo and four copies of it shifted by a
+few pixels (test-time augmentation, `config.TEST_TIME_SHIFT`): 5 forward passes
+for that photo, one for the others. `model.predict(photos,
+params={"test_time_augmentation": False})` gives the network's answer on every
+photo alone.
 
 HTTP, `mlflow models serve -m models:/sign-digits-resnet50@champion`: POST
 /invocations with `Content-Type: application/json` and one of
@@ -78,6 +80,7 @@ log = logging.getLogger(__name__)
 KERAS_ARTIFACT = "keras_model"
 KERAS_FILE = "model.keras"
 TEST_TIME_SHIFT_KEY = "test_time_shift"  # in the logged model's model_config
+TEST_TIME_GATE_KEY = "test_time_gate"  # in the logged model's model_config
 BFLOAT16_STAGES_KEY = "bfloat16_stages"  # in the logged model's model_config
 TEST_TIME_AUGMENTATION = "test_time_augmentation"  # the predict parameter
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -113,23 +116,28 @@ class SignDigitsModel(mlflow.pyfunc.PythonModel):
             raise PipelineError(f"the served model needs square RGB input; got {self.model.input_shape}")
         self.image_size = int(height)
         self.num_classes = int(self.model.output_shape[-1])
-        # Models logged before test-time augmentation have no model_config: they answer as before.
+        # Models logged before test-time augmentation have no model_config: they answer as before,
+        # and those logged before its gate shift every photo (gate None).
         self.test_time_shift = int((context.model_config or {}).get(TEST_TIME_SHIFT_KEY, 0))
+        self.test_time_gate = (context.model_config or {}).get(TEST_TIME_GATE_KEY)
         spec = tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.float32)
 
         def forward(pixels):
             return self.model(pixels, training=False)
 
+        def shifted(pixels):
+            return mean_over_views(forward, pixels, self.test_time_shift, self.test_time_gate)
+
         self._infer = tf.function(forward, input_signature=[spec])
-        self._infer_shifted = tf.function(
-            lambda pixels: mean_over_views(forward, pixels, self.test_time_shift), input_signature=[spec]
-        )
+        self._infer_shifted = tf.function(shifted, input_signature=[spec])
         log.info(
-            "loaded a %dx%d model with %d classes; test-time shift %d pixels; bfloat16 stages %s",
+            "loaded a %dx%d model with %d classes; test-time shift %d pixels below confidence %s; "
+            "bfloat16 stages %s",
             self.image_size,
             self.image_size,
             self.num_classes,
             self.test_time_shift,
+            self.test_time_gate,
             list(self.bfloat16_stages) or "none",
         )
 
@@ -157,18 +165,26 @@ def test_time_augmentation(params: dict | None) -> bool:
     return bool(value)
 
 
-def shifted_views(pixels, shift: int):
-    """A batch (N, H, W, C) and its copies shifted by `shift` pixels down, right, up and left
-    (what leaves one side comes back on the other), as one (5N, H, W, C) batch, view by view."""
-    rolled = [tf.roll(pixels, offset, axis) for offset in (shift, -shift) for axis in (1, 2)]
-    return tf.concat([pixels, *rolled], axis=0)
+def shifted_copies(pixels, shift: int):
+    """A batch (N, H, W, C)'s copies shifted by `shift` pixels down, right, up and left (what
+    leaves one side comes back on the other), as one (4N, H, W, C) batch, copy by copy."""
+    return tf.concat([tf.roll(pixels, offset, axis) for offset in (shift, -shift) for axis in (1, 2)], 0)
 
 
-def mean_over_views(predict, pixels, shift: int):
-    """`predict` (a batch in, probabilities out) averaged over `shifted_views(pixels, shift)`."""
-    probabilities = predict(shifted_views(pixels, shift))
-    by_view = tf.reshape(probabilities, (-1, tf.shape(pixels)[0], tf.shape(probabilities)[-1]))
-    return tf.reduce_mean(by_view, axis=0)
+def mean_over_views(predict, pixels, shift: int, gate: float | None = None):
+    """`predict` (a batch in, probabilities out) on `pixels`; for the photos whose confidence is
+    below `gate` (every photo when None), the mean over the photo and its `shifted_copies`."""
+    probabilities = predict(pixels)
+    confidence = tf.reduce_max(probabilities, axis=-1)
+    unsure = tf.where(confidence < gate if gate is not None else tf.ones_like(confidence, tf.bool))[:, 0]
+
+    def averaged():
+        copies = predict(shifted_copies(tf.gather(pixels, unsure), shift))
+        by_copy = tf.reshape(copies, (4, -1, tf.shape(probabilities)[-1]))
+        mean = (tf.gather(probabilities, unsure) + tf.reduce_sum(by_copy, axis=0)) / 5
+        return tf.tensor_scatter_nd_update(probabilities, unsure[:, None], mean)
+
+    return tf.cond(tf.size(unsure) > 0, averaged, lambda: probabilities)
 
 
 def inference_model(model: keras.Model, bfloat16_stages=()) -> keras.Model:
@@ -380,7 +396,8 @@ def log_model(
     bfloat16_stages=(),
 ) -> ModelInfo:
     """Log `keras_model` as a pyfunc `SignDigitsModel` (float32, no optimizer) in the active run,
-    answering with test-time augmentation (config.TEST_TIME_SHIFT) unless a request turns it off,
+    answering with test-time augmentation (config.TEST_TIME_SHIFT) for the photos it is unsure of
+    (config.TEST_TIME_GATE) unless a request turns it off,
     its ResNet stages `bfloat16_stages` computed in bfloat16 (see `choose_bfloat16_stages`).
 
     Registers a new version of `registered_model_name` unless it is None.
@@ -405,6 +422,7 @@ def log_model(
             pip_requirements=requirements(),
             model_config={
                 TEST_TIME_SHIFT_KEY: config.TEST_TIME_SHIFT,
+                TEST_TIME_GATE_KEY: config.TEST_TIME_GATE,
                 BFLOAT16_STAGES_KEY: [int(stage) for stage in bfloat16_stages],
             },
             registered_model_name=registered_model_name,

@@ -179,13 +179,20 @@ def shift_sensitive_classifier():
     return keras.Model(inputs, keras.layers.Softmax()(x))
 
 
-def expected_probabilities(model, batch: np.ndarray, shift: int = config.TEST_TIME_SHIFT) -> np.ndarray:
-    """The Keras model's probabilities, averaged over the batch and its copies rolled `shift` pixels
-    down, right, up and left (test-time augmentation; shift 0: the batch alone)."""
+def expected_probabilities(
+    model, batch: np.ndarray, shift: int = config.TEST_TIME_SHIFT, gate: float | None = config.TEST_TIME_GATE
+) -> np.ndarray:
+    """The Keras model's probabilities for the batch; for the photos whose confidence is below `gate`
+    (all when None) averaged with those for their copies rolled `shift` pixels down, right, up and
+    left (test-time augmentation; shift 0: every photo alone)."""
     batch = batch.astype(np.float32)
-    offsets = (shift, -shift) if shift else ()
-    views = [batch, *(np.roll(batch, offset, axis) for offset in offsets for axis in (1, 2))]
-    return np.mean([np.asarray(model(view, training=False), dtype=np.float64) for view in views], axis=0)
+    single = np.asarray(model(batch, training=False), dtype=np.float64)
+    if not shift:
+        return single
+    views = [batch, *(np.roll(batch, offset, axis) for offset in (shift, -shift) for axis in (1, 2))]
+    averaged = np.mean([np.asarray(model(view, training=False), dtype=np.float64) for view in views], axis=0)
+    unsure = np.ones(len(batch), bool) if gate is None else single.max(axis=1) < gate
+    return np.where(unsure[:, None], averaged, single)
 
 
 def b64(data: bytes) -> str:

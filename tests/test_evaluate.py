@@ -10,6 +10,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import expected_probabilities, shift_sensitive_classifier
 from PIL import Image
 from sklearn.metrics import f1_score
 
@@ -145,6 +146,20 @@ def test_run_metrics_agree_with_the_pyfunc_predictions(mlflow_store, test_split,
     assert list(report.columns) == ["precision", "recall", "f1", "support"]
     assert report["support"].tolist() == [1] * 10
     assert report.loc[:4, "recall"].tolist() == [1.0] * 5 and report.loc[5:, "recall"].sum() == 0
+
+
+def test_the_served_answers_are_compared_over_the_views_the_served_model_used(mlflow_store, tmp_path):
+    """Shifted copies for the photos below the confidence gate, the photo alone for the others."""
+    model = shift_sensitive_classifier()
+    x = np.random.default_rng(0).integers(0, 256, (8, config.IMAGE_SIZE, config.IMAGE_SIZE, 3), np.uint8)
+    single = expected_probabilities(model, x, shift=0)
+    unsure = single.max(axis=1) < config.TEST_TIME_GATE
+    assert unsure.any() and not unsure.all()
+    info = register(model, name=None)
+    metrics = evaluate.run(info.model_uri, x, single.argmax(axis=1), tmp_path / "out")
+    assert metrics["test_share_shifted"] == unsure.mean()
+    assert metrics["test_accuracy_single_view"] == 1.0
+    assert metrics["served_top1_agreement"] == 1.0 and metrics["served_max_probability_gap"] < 1e-5
 
 
 def test_run_on_a_perfect_model_draws_a_note_instead_of_a_gallery(mlflow_store, test_split, tmp_path):

@@ -246,27 +246,54 @@ def test_batch_is_chunked_in_order_and_compiled_once(python_model):
 # test-time augmentation
 
 
-def test_answers_average_five_shifted_views_unless_a_request_turns_it_off(mlflow_store):
+def test_unsure_photos_average_five_shifted_views_unless_a_request_turns_it_off(mlflow_store):
     model = shift_sensitive_classifier()
     with mlflow.start_run():
         info = serving.log_model(model, "shifty")
     served = mlflow.pyfunc.load_model(info.model_uri)
-    photos = [pixels((64, 64, 3), seed) for seed in range(4)]
+    photos = [pixels((64, 64, 3), seed) for seed in range(6)]
     batch = serving.build_batch(photos)
-    averaged, single = expected_probabilities(model, batch), expected_probabilities(model, batch, shift=0)
-    assert np.abs(averaged - single).max() > 1e-2  # the views matter to this model
+    single = expected_probabilities(model, batch, shift=0)
+    averaged = expected_probabilities(model, batch, gate=None)
+    assert np.abs(averaged - single).max(axis=1).min() > 1e-2  # the views matter to this model
+    unsure = single.max(axis=1) < config.TEST_TIME_GATE
+    assert unsure.any() and not unsure.all()  # confidences 0.52, 0.27, 0.94, 0.87, 0.39, 0.54
     frame = pd.DataFrame({"image": photos})
-    np.testing.assert_allclose(served.predict(frame)[PROBABILITIES], averaged, atol=1e-5)
+    answers = served.predict(frame)[PROBABILITIES].to_numpy()
+    np.testing.assert_allclose(answers[unsure], averaged[unsure], atol=1e-5)
+    np.testing.assert_allclose(answers[~unsure], single[~unsure], atol=1e-5)
     off = served.predict(frame, params={serving.TEST_TIME_AUGMENTATION: False})
     np.testing.assert_allclose(off[PROBABILITIES], single, atol=1e-5)
     on = served.predict(frame, params={serving.TEST_TIME_AUGMENTATION: True})
-    np.testing.assert_allclose(on[PROBABILITIES], averaged, atol=1e-5)
+    np.testing.assert_allclose(on[PROBABILITIES], answers, atol=1e-6)
+    sure = [photo for photo, flag in zip(photos, unsure) if not flag]  # no photo to shift
+    np.testing.assert_allclose(
+        served.predict(pd.DataFrame({"image": sure}))[PROBABILITIES], single[~unsure], atol=1e-5
+    )
+
+
+def test_a_model_logged_before_the_gate_shifts_every_photo(tmp_path):
+    model = shift_sensitive_classifier()
+    path = tmp_path / serving.KERAS_FILE
+    model.save(path)
+    old = serving.SignDigitsModel()
+    old.load_context(
+        mlflow.pyfunc.PythonModelContext(
+            artifacts={serving.KERAS_ARTIFACT: str(path)},
+            model_config={serving.TEST_TIME_SHIFT_KEY: config.TEST_TIME_SHIFT},
+        )
+    )
+    batch = np.stack([pixels((64, 64, 3), seed) for seed in range(4)])
+    np.testing.assert_allclose(
+        old.predict(None, batch)[PROBABILITIES], expected_probabilities(model, batch, gate=None), atol=1e-5
+    )
 
 
 def test_the_shift_is_stored_with_the_model_and_the_parameter_in_its_signature(served):
     # log_model's default: every stage in float32.
     assert served.model_config == {
         serving.TEST_TIME_SHIFT_KEY: config.TEST_TIME_SHIFT,
+        serving.TEST_TIME_GATE_KEY: config.TEST_TIME_GATE,
         serving.BFLOAT16_STAGES_KEY: [],
     }
     (param,) = served.metadata.signature.params.params
