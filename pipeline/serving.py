@@ -24,7 +24,8 @@ The answer has one row per photo, in order: `digit` (int64), `confidence`
 For a photo the network is unsure of (confidence below `config.TEST_TIME_GATE`)
 the probabilities are the mean over the photo and four copies of it shifted by a
 few pixels (test-time augmentation, `config.TEST_TIME_SHIFT`): 5 forward passes
-for that photo, one for the others. `model.predict(photos,
+for that photo, one for the others; models whose validation errors it did not cut
+answer every photo alone (`choose_test_time_shift`). `model.predict(photos,
 params={"test_time_augmentation": False})` gives the network's answer on every
 photo alone.
 
@@ -230,6 +231,32 @@ def choose_bfloat16_stages(model: keras.Model, photos: np.ndarray) -> tuple[tupl
     return chosen
 
 
+def choose_test_time_shift(
+    model: keras.Model, photos: np.ndarray, labels: np.ndarray, bfloat16_stages=()
+) -> tuple[int, int, int]:
+    """config.TEST_TIME_SHIFT when the served network (its `bfloat16_stages` in bfloat16), shifting
+    the photos below config.TEST_TIME_GATE, gets fewer of `photos` (uint8, the validation split)
+    wrong than from every photo alone, else 0 (off); with the errors of each: (shift, errors from
+    the photo alone, errors shifted). `labels`: digits, or one-hot rows."""
+    labels = labels.argmax(axis=1) if labels.ndim == 2 else labels
+    single, shifted = _errors(inference_model(model, bfloat16_stages), photos, labels)
+    gc.collect()  # Keras models hold reference cycles: free the copy before train logs the model
+    return (config.TEST_TIME_SHIFT if shifted < single else 0), single, shifted
+
+
+def _errors(network: keras.Model, photos: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
+    """How many `photos` `network` gets wrong from each photo alone, and shifting the unsure ones."""
+
+    def single(pixels):
+        return network(pixels, training=False)
+
+    def shifted(pixels):
+        return mean_over_views(single, pixels, config.TEST_TIME_SHIFT, config.TEST_TIME_GATE)
+
+    wrong = [in_chunks(tf.function(infer), photos).argmax(axis=1) != labels for infer in (single, shifted)]
+    return int(wrong[0].sum()), int(wrong[1].sum())
+
+
 def forward(model: keras.Model, photos: np.ndarray) -> np.ndarray:
     """`model`'s probabilities for uint8 photos, traced as the served model traces it (graph mode
     fuses ops, which changes bfloat16 rounding)."""
@@ -394,10 +421,11 @@ def log_model(
     registered_model_name: str | None = config.MODEL_NAME,
     example_image: bytes | None = None,
     bfloat16_stages=(),
+    test_time_shift: int = config.TEST_TIME_SHIFT,
 ) -> ModelInfo:
     """Log `keras_model` as a pyfunc `SignDigitsModel` (float32, no optimizer) in the active run,
-    answering with test-time augmentation (config.TEST_TIME_SHIFT) for the photos it is unsure of
-    (config.TEST_TIME_GATE) unless a request turns it off,
+    answering with test-time augmentation (`test_time_shift`, 0: off; see `choose_test_time_shift`)
+    for the photos it is unsure of (config.TEST_TIME_GATE) unless a request turns it off,
     its ResNet stages `bfloat16_stages` computed in bfloat16 (see `choose_bfloat16_stages`).
 
     Registers a new version of `registered_model_name` unless it is None.
@@ -421,7 +449,7 @@ def log_model(
             input_example=example,
             pip_requirements=requirements(),
             model_config={
-                TEST_TIME_SHIFT_KEY: config.TEST_TIME_SHIFT,
+                TEST_TIME_SHIFT_KEY: int(test_time_shift),
                 TEST_TIME_GATE_KEY: config.TEST_TIME_GATE,
                 BFLOAT16_STAGES_KEY: [int(stage) for stage in bfloat16_stages],
             },

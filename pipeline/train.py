@@ -455,7 +455,24 @@ def main(argv: list[str] | None = None) -> None:
         stages, gap = serving.choose_bfloat16_stages(model, arrays["x_val"])
         mlflow.set_tag(config.SERVING_STAGES_TAG, ",".join(map(str, stages)) or "none")
         mlflow.log_metric("serving_validation_probability_gap", gap)
-        info = serving.log_model(model, args.model_name, example_png(arrays["x_val"][0]), stages)
+        shift, errors_single, errors_shifted = serving.choose_test_time_shift(
+            model, arrays["x_val"], arrays["y_val"], stages
+        )
+        mlflow.set_tag(config.SERVING_SHIFT_TAG, str(shift))
+        mlflow.log_metrics(
+            {
+                "serving_validation_errors_single_view": errors_single,
+                "serving_validation_errors_shifted": errors_shifted,
+            }
+        )
+        log.info(
+            "test-time augmentation %s: %d validation photos wrong shifted, %d from the photo alone",
+            f"on ({shift} pixels)" if shift else "off",
+            errors_shifted,
+            errors_single,
+        )
+        example = example_png(arrays["x_val"][0])
+        info = serving.log_model(model, args.model_name, example, stages, test_time_shift=shift)
         mlflow.set_tags(
             {
                 config.ONEHOT_RUN_TAG: onehot_run.info.run_id,

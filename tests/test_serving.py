@@ -272,6 +272,39 @@ def test_unsure_photos_average_five_shifted_views_unless_a_request_turns_it_off(
     )
 
 
+def test_the_shift_is_served_only_when_it_gets_fewer_validation_photos_wrong():
+    model = shift_sensitive_classifier()
+    photos = np.stack([pixels((64, 64, 3), seed) for seed in range(6)])
+    single = expected_probabilities(model, photos, shift=0).argmax(axis=1)
+    shifted = expected_probabilities(model, photos).argmax(axis=1)
+    changed = np.flatnonzero(single != shifted)
+    assert len(changed) == 2  # the shifts change two digits of this model's
+    assert serving.choose_test_time_shift(model, photos, shifted) == (config.TEST_TIME_SHIFT, 2, 0)
+    assert serving.choose_test_time_shift(model, photos, np.eye(10)[shifted]) == (
+        config.TEST_TIME_SHIFT,
+        2,
+        0,
+    )
+    assert serving.choose_test_time_shift(model, photos, single) == (0, 0, 2)
+    tie = single.copy()
+    tie[changed[0]] = shifted[changed[0]]  # one photo right only shifted, one right only alone
+    assert serving.choose_test_time_shift(model, photos, tie) == (0, 1, 1)
+
+
+def test_a_model_logged_with_the_shift_off_answers_every_photo_alone(mlflow_store):
+    model = shift_sensitive_classifier()
+    with mlflow.start_run():
+        info = serving.log_model(model, None, test_time_shift=0)
+    served = mlflow.pyfunc.load_model(info.model_uri)
+    assert served.model_config[serving.TEST_TIME_SHIFT_KEY] == 0
+    photos = [pixels((64, 64, 3), seed) for seed in range(6)]
+    np.testing.assert_allclose(
+        served.predict(pd.DataFrame({"image": photos}))[PROBABILITIES],
+        expected_probabilities(model, serving.build_batch(photos), shift=0),
+        atol=1e-5,
+    )
+
+
 def test_a_model_logged_before_the_gate_shifts_every_photo(tmp_path):
     model = shift_sensitive_classifier()
     path = tmp_path / serving.KERAS_FILE
