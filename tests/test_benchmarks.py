@@ -1,0 +1,54 @@
+"""The throughput benchmark's inference variants run on a tiny setting: a registered model on a
+folder of photos, the table it prints and the JSON it writes. No timing is asserted."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from conftest import expected_probabilities, shift_sensitive_classifier
+from PIL import Image
+
+from pipeline import config, serving
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+
+
+def benchmark(*options: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(BENCHMARK), "--tiny", *options], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_a_registered_model_is_timed_on_a_folder_of_photos(mlflow_store, tmp_path):
+    model = shift_sensitive_classifier()
+    with mlflow.start_run():
+        serving.log_model(model, "bench-model")
+    folder = tmp_path / "photos" / "3"
+    folder.mkdir(parents=True)
+    photos = [np.random.default_rng(seed).integers(0, 256, (64, 64, 3), np.uint8) for seed in range(70)]
+    for index, pixels in enumerate(photos):
+        Image.fromarray(pixels).save(folder / f"IMG_{index:04}.png")
+    out = tmp_path / "throughput.json"
+    variants = ["project-predict", "project-predict-single"]
+    options = ["--model", "models:/bench-model/1", "--photos", str(tmp_path / "photos"), "--out", str(out)]
+    done = benchmark(*options, "--variants", *variants)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    assert list(rows) == variants and all(row["images_per_s"] > 0 for row in rows.values())
+    # The first 64 photos by name (70 // 64 = every one); the unsure ones took the shifted copies.
+    single = expected_probabilities(model, np.stack(photos[:64]), shift=0)
+    unsure = np.mean(single.max(axis=1) < config.TEST_TIME_GATE)
+    assert 0 < unsure < 1
+    assert rows["project-predict"]["share_shifted"] == unsure
+    assert rows["project-predict-single"]["share_shifted"] == 0
+    assert "project-predict-single" in done.stdout and f"{unsure:.0%}" in done.stdout
+
+
+def test_bad_options_are_refused_naming_them(mlflow_store, tmp_path):
+    done = benchmark("--photos", str(tmp_path / "nowhere"))
+    assert done.returncode == 2 and "--photos" in done.stderr and "no such folder or .zip" in done.stderr
+    done = benchmark("--model", "models:/none/1", "--variants", "project-predict-single-float32")
+    assert done.returncode != 0 and "not with --model" in done.stderr
