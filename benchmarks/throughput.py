@@ -182,12 +182,12 @@ def project_predict(variant: str, args) -> tuple[list[float], dict]:
                 info = serving.log_model(fitting.new_model(64, 10), "benchmark", jpeg_photos(1)[0], stages)
             served = mlflow.pyfunc.load_model(info.model_uri)
         seconds = time_calls(lambda: served.predict(batch, params), args.repeat)
-        model_config = served.model_config or {}
-        confidence = served.predict(batch, {serving.TEST_TIME_AUGMENTATION: False})["confidence"]
-        gate = model_config.get(serving.TEST_TIME_GATE_KEY)
-        shifted = 0.0 if single else float((confidence < gate).mean()) if gate is not None else 1.0
+        shifted = 0.0
+        if not single:
+            confidence = served.predict(batch, {serving.TEST_TIME_AUGMENTATION: False})["confidence"]
+            shifted = float(served.unwrap_python_model().shifted_photos(confidence.to_numpy()).mean())
     return seconds, {
-        "bfloat16_stages": model_config.get(serving.BFLOAT16_STAGES_KEY, []),
+        "bfloat16_stages": (served.model_config or {}).get(serving.BFLOAT16_STAGES_KEY, []),
         "share_shifted": shifted,
     }
 

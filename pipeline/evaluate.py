@@ -74,14 +74,13 @@ def run(model_uri: str, x_test: np.ndarray, y_test: np.ndarray, out_dir: Path) -
     predicted = predictions["digit"].to_numpy(dtype=np.int64)
     confidence = predictions["confidence"].to_numpy(dtype=np.float64)
     metrics = score(y_test, predicted, probabilities)
-    if getattr(served.unwrap_python_model(), "test_time_shift", 0):
+    python_model = served.unwrap_python_model()
+    shifted = np.zeros(len(x_test), dtype=bool)
+    if getattr(python_model, "test_time_shift", 0):
         single = predict(served, x_test, {serving.TEST_TIME_AUGMENTATION: False})
-        single = single[PROBABILITY_COLUMNS].to_numpy(dtype=np.float64)
-        shifted = shifted_photos(served, single)
-        metrics["test_accuracy_single_view"] = float(np.mean(single.argmax(axis=1) == y_test))
+        shifted = python_model.shifted_photos(single["confidence"].to_numpy())
+        metrics["test_accuracy_single_view"] = float(np.mean(single["digit"].to_numpy() == y_test))
         metrics["test_share_shifted"] = float(np.mean(shifted))
-    else:
-        shifted = np.zeros(len(x_test), dtype=bool)
     metrics.update(agreement(served, x_test, probabilities, shifted))
     # Write
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,13 +89,6 @@ def run(model_uri: str, x_test: np.ndarray, y_test: np.ndarray, out_dir: Path) -
     save(mistakes_figure(x_test, y_test, predicted, confidence), out_dir / config.MISTAKES_FILE)
     prediction_table(y_test, predicted, confidence).to_csv(out_dir / config.PREDICTIONS_FILE, index=False)
     return metrics
-
-
-def shifted_photos(served: mlflow.pyfunc.PyFuncModel, single: np.ndarray) -> np.ndarray:
-    """Which photos our served model answers with test-time augmentation, given its one-view
-    probabilities `single`: those below its confidence gate (all for a model logged without one)."""
-    gate = served.unwrap_python_model().test_time_gate
-    return np.ones(len(single), dtype=bool) if gate is None else single.max(axis=1) < gate
 
 
 def agreement(

@@ -142,6 +142,15 @@ class SignDigitsModel(mlflow.pyfunc.PythonModel):
             list(self.bfloat16_stages) or "none",
         )
 
+    def shifted_photos(self, confidence: np.ndarray) -> np.ndarray:
+        """Which photos, by their one-view `confidence`, the default answer averages with shifted
+        copies: none when the shift is off, every one for a model logged before the gate."""
+        if not self.test_time_shift:
+            return np.zeros(len(confidence), dtype=bool)
+        if self.test_time_gate is None:
+            return np.ones(len(confidence), dtype=bool)
+        return np.asarray(confidence) < self.test_time_gate
+
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """One row per photo: digit, confidence, p0..p{k-1}; MlflowException for bad input.
 

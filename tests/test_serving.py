@@ -297,6 +297,7 @@ def test_a_model_logged_with_the_shift_off_answers_every_photo_alone(mlflow_stor
         info = serving.log_model(model, None, test_time_shift=0)
     served = mlflow.pyfunc.load_model(info.model_uri)
     assert served.model_config[serving.TEST_TIME_SHIFT_KEY] == 0
+    assert not served.unwrap_python_model().shifted_photos(np.array([0.1, 0.5, 0.9])).any()
     photos = [pixels((64, 64, 3), seed) for seed in range(6)]
     np.testing.assert_allclose(
         served.predict(pd.DataFrame({"image": photos}))[PROBABILITIES],
@@ -320,6 +321,7 @@ def test_a_model_logged_before_the_gate_shifts_every_photo(tmp_path):
     np.testing.assert_allclose(
         old.predict(None, batch)[PROBABILITIES], expected_probabilities(model, batch, gate=None), atol=1e-5
     )
+    assert old.shifted_photos(np.array([0.1, 0.5, 0.9])).all()
 
 
 def test_the_shift_is_stored_with_the_model_and_the_parameter_in_its_signature(served):
