@@ -187,12 +187,14 @@ def stage(layer_name: str) -> int:
 
 
 def with_bfloat16_stages(model: keras.Model, stages) -> keras.Model:
-    """A copy of `model` (from `build_resnet50`, folded or not) whose layers in `stages` compute in
-    mixed_bfloat16 (float32 weights, bfloat16 math: AMX on CPUs that have it); the others keep
-    their dtype policy. Same weights."""
+    """A copy of a folded `model` (from `build_resnet50`, for inference) whose layers in `stages`
+    compute in bfloat16 (AMX on CPUs that have it), their weights stored in bfloat16 too; the others
+    keep their dtype policy. Same weights, rounded to bfloat16 in those stages: the answers of
+    mixed_bfloat16, without casting every weight of the stages on every call (stages 4-5 on 64
+    photos: 117 ms a batch against 126)."""
     stages = set(stages)
     model_config = model.get_config()
-    policy = keras.dtype_policies.serialize(keras.DTypePolicy("mixed_bfloat16"))
+    policy = keras.dtype_policies.serialize(keras.DTypePolicy("bfloat16"))
     for layer in model_config["layers"]:
         if stage(layer["config"]["name"]) in stages:
             layer["config"]["dtype"] = policy

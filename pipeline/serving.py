@@ -121,16 +121,7 @@ class SignDigitsModel(mlflow.pyfunc.PythonModel):
         # and those logged before its gate shift every photo (gate None).
         self.test_time_shift = int((context.model_config or {}).get(TEST_TIME_SHIFT_KEY, 0))
         self.test_time_gate = (context.model_config or {}).get(TEST_TIME_GATE_KEY)
-        spec = tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.float32)
-
-        def forward(pixels):
-            return self.model(pixels, training=False)
-
-        def shifted(pixels):
-            return mean_over_views(forward, pixels, self.test_time_shift, self.test_time_gate)
-
-        self._infer = tf.function(forward, input_signature=[spec])
-        self._infer_shifted = tf.function(shifted, input_signature=[spec])
+        self.network = compiled(self.model)
         log.info(
             "loaded a %dx%d model with %d classes; test-time shift %d pixels below confidence %s; "
             "bfloat16 stages %s",
@@ -145,11 +136,7 @@ class SignDigitsModel(mlflow.pyfunc.PythonModel):
     def shifted_photos(self, confidence: np.ndarray) -> np.ndarray:
         """Which photos, by their one-view `confidence`, the default answer averages with shifted
         copies: none when the shift is off, every one for a model logged before the gate."""
-        if not self.test_time_shift:
-            return np.zeros(len(confidence), dtype=bool)
-        if self.test_time_gate is None:
-            return np.ones(len(confidence), dtype=bool)
-        return np.asarray(confidence) < self.test_time_gate
+        return unsure_photos(confidence, self.test_time_shift, self.test_time_gate)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """One row per photo: digit, confidence, p0..p{k-1}; MlflowException for bad input.
@@ -158,9 +145,12 @@ class SignDigitsModel(mlflow.pyfunc.PythonModel):
         called directly it may also be a list, a dict or a 4-D array (see `photos`).
         `params`: {"test_time_augmentation": False} answers from the photo alone.
         """
-        shifted = test_time_augmentation(params) and self.test_time_shift > 0
-        infer = self._infer_shifted if shifted else self._infer
+        shift = self.test_time_shift if test_time_augmentation(params) else 0
         pixels = build_batch(model_input, self.image_size)
+
+        def infer(chunk):
+            return mean_over_views(self.network, chunk, shift, self.test_time_gate)
+
         return predictions_frame(in_chunks(infer, pixels))
 
 
@@ -175,26 +165,33 @@ def test_time_augmentation(params: dict | None) -> bool:
     return bool(value)
 
 
-def shifted_copies(pixels, shift: int):
+def shifted_copies(pixels: np.ndarray, shift: int) -> np.ndarray:
     """A batch (N, H, W, C)'s copies shifted by `shift` pixels down, right, up and left (what
     leaves one side comes back on the other), as one (4N, H, W, C) batch, copy by copy."""
-    return tf.concat([tf.roll(pixels, offset, axis) for offset in (shift, -shift) for axis in (1, 2)], 0)
+    return np.concatenate([np.roll(pixels, offset, axis) for offset in (shift, -shift) for axis in (1, 2)])
 
 
-def mean_over_views(predict, pixels, shift: int, gate: float | None = None):
-    """`predict` (a batch in, probabilities out) on `pixels`; for the photos whose confidence is
-    below `gate` (every photo when None), the mean over the photo and its `shifted_copies`."""
-    probabilities = predict(pixels)
-    confidence = tf.reduce_max(probabilities, axis=-1)
-    unsure = tf.where(confidence < gate if gate is not None else tf.ones_like(confidence, tf.bool))[:, 0]
+def unsure_photos(confidence: np.ndarray, shift: int, gate: float | None) -> np.ndarray:
+    """The mask of the photos whose one-view `confidence` test-time augmentation shifts: none when
+    `shift` is 0, all when `gate` is None, else those below `gate`."""
+    confidence = np.asarray(confidence)
+    if not shift:
+        return np.zeros(len(confidence), dtype=bool)
+    if gate is None:
+        return np.ones(len(confidence), dtype=bool)
+    return confidence < gate
 
-    def averaged():
-        copies = predict(shifted_copies(tf.gather(pixels, unsure), shift))
-        by_copy = tf.reshape(copies, (4, -1, tf.shape(probabilities)[-1]))
-        mean = (tf.gather(probabilities, unsure) + tf.reduce_sum(by_copy, axis=0)) / 5
-        return tf.tensor_scatter_nd_update(probabilities, unsure[:, None], mean)
 
-    return tf.cond(tf.size(unsure) > 0, averaged, lambda: probabilities)
+def mean_over_views(predict, pixels: np.ndarray, shift: int, gate: float | None = None) -> np.ndarray:
+    """`predict` (a float32 batch in, probabilities out) on `pixels`, as float64; for the photos
+    `unsure_photos` picks, the mean over the photo and its `shifted_copies` (one more call)."""
+    probabilities = np.asarray(predict(pixels), dtype=np.float64)
+    unsure = unsure_photos(probabilities.max(axis=1), shift, gate)
+    if unsure.any():
+        copies = np.asarray(predict(shifted_copies(pixels[unsure], shift)), dtype=np.float64)
+        by_copy = copies.reshape(4, int(unsure.sum()), -1)
+        probabilities[unsure] = (probabilities[unsure] + by_copy.sum(axis=0)) / 5
+    return probabilities
 
 
 def inference_model(model: keras.Model, bfloat16_stages=()) -> keras.Model:
@@ -255,30 +252,33 @@ def choose_test_time_shift(
 
 def _errors(network: keras.Model, photos: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
     """How many `photos` `network` gets wrong from each photo alone, and shifting the unsure ones."""
-
-    def single(pixels):
-        return network(pixels, training=False)
+    single = compiled(network)
 
     def shifted(pixels):
         return mean_over_views(single, pixels, config.TEST_TIME_SHIFT, config.TEST_TIME_GATE)
 
-    wrong = [in_chunks(tf.function(infer), photos).argmax(axis=1) != labels for infer in (single, shifted)]
+    wrong = [in_chunks(infer, photos).argmax(axis=1) != labels for infer in (single, shifted)]
     return int(wrong[0].sum()), int(wrong[1].sum())
+
+
+def compiled(network: keras.Model):
+    """`network`'s probabilities for a float32 batch of pixels, as one graph traced once for any
+    batch size (not once per call or per shape)."""
+    spec = tf.TensorSpec((None, *network.input_shape[1:]), tf.float32)
+    return tf.function(lambda pixels: network(pixels, training=False), input_signature=[spec])
 
 
 def forward(model: keras.Model, photos: np.ndarray) -> np.ndarray:
     """`model`'s probabilities for uint8 photos, traced as the served model traces it (graph mode
     fuses ops, which changes bfloat16 rounding)."""
-    return in_chunks(tf.function(lambda pixels: model(pixels, training=False)), photos)
+    return in_chunks(compiled(model), photos)
 
 
 def in_chunks(infer, pixels: np.ndarray) -> np.ndarray:
     """`infer` (a float32 batch in, probabilities out) over `pixels`, config.PREDICT_CHUNK_SIZE at a
     time, as float64."""
     size = config.PREDICT_CHUNK_SIZE
-    chunks = [
-        infer(tf.constant(pixels[start : start + size], tf.float32)) for start in range(0, len(pixels), size)
-    ]
+    chunks = [infer(pixels[start : start + size].astype(np.float32)) for start in range(0, len(pixels), size)]
     return np.concatenate([np.asarray(chunk, dtype=np.float64) for chunk in chunks])
 
 

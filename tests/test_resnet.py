@@ -8,6 +8,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from keras import layers
 
 from pipeline.resnet import build_resnet50
@@ -209,17 +210,32 @@ def test_chosen_stages_compute_in_bfloat16_with_the_same_weights():
     folded = fold_batch_norm(trained)
     mixed = with_bfloat16_stages(folded, (4, 5))
     for layer in mixed.layers:
-        in_bfloat16 = stage(layer.name) in (4, 5)
-        assert layer.dtype_policy.compute_dtype == ("bfloat16" if in_bfloat16 else "float32"), layer.name
-        assert layer.dtype_policy.variable_dtype == "float32", layer.name
+        dtype = "bfloat16" if stage(layer.name) in (4, 5) else "float32"
+        assert layer.dtype_policy.compute_dtype == layer.dtype_policy.variable_dtype == dtype, layer.name
     for original, copy in zip(folded.weights, mixed.weights, strict=True):
-        np.testing.assert_array_equal(original.numpy(), copy.numpy())
+        rounded = tf.cast(tf.cast(original, copy.dtype), tf.float32).numpy()
+        np.testing.assert_array_equal(rounded, tf.cast(copy, tf.float32).numpy())
+    assert sum(weight.dtype == "bfloat16" for weight in mixed.weights) > len(mixed.weights) / 2
     pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("float32")
     expected = folded(pixels, training=False).numpy()
     got = mixed(pixels, training=False).numpy()
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, expected, atol=2e-2)
     assert np.abs(got - expected).max() > 0  # bfloat16 rounding shows: the stages really changed
+
+    # Weights stored in bfloat16 answer as mixed_bfloat16 does (float32 weights cast on each call).
+    cast_each_call = keras.Model.from_config(_with_policy(folded.get_config(), (4, 5), "mixed_bfloat16"))
+    cast_each_call.set_weights(folded.get_weights())
+    np.testing.assert_array_equal(cast_each_call(pixels, training=False).numpy(), got)
+
+
+def _with_policy(model_config: dict, stages, policy: str) -> dict:
+    from pipeline.resnet import stage
+
+    for layer in model_config["layers"]:
+        if stage(layer["config"]["name"]) in stages:
+            layer["config"]["dtype"] = keras.dtype_policies.serialize(keras.DTypePolicy(policy))
+    return model_config
 
 
 def test_folding_refuses_another_model():

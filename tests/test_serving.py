@@ -234,13 +234,18 @@ def test_pyfunc_schema_check_refuses_bare_arrays_so_send_a_dataframe_column(serv
         assert raised.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
-def test_batch_is_chunked_in_order_and_compiled_once(python_model):
+def test_batch_is_chunked_in_order(python_model):
     photos = [pixels((64, 64, 3), seed) for seed in range(2 * config.PREDICT_CHUNK_SIZE + 3)]
     together = python_model.predict(None, photos)
     picked = [0, config.PREDICT_CHUNK_SIZE, len(photos) - 1]  # one from each chunk
     one_by_one = pd.concat([python_model.predict(None, [photos[i]]) for i in picked], ignore_index=True)
     pd.testing.assert_frame_equal(together.iloc[picked].reset_index(drop=True), one_by_one, atol=1e-6)
-    assert python_model._infer_shifted.experimental_get_tracing_count() == 1
+
+
+def test_the_network_is_traced_once_for_every_batch_size(python_model):
+    for count in (1, 5, 2 * config.PREDICT_CHUNK_SIZE + 3):
+        python_model.predict(None, [pixels((64, 64, 3), seed) for seed in range(count)])
+    assert python_model.network.experimental_get_tracing_count() == 1
 
 
 # test-time augmentation
