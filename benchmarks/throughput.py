@@ -16,8 +16,9 @@ Variants, each in a fresh process:
   the photos below the confidence gate, stages 3-5 in bfloat16 (`--bfloat16-stages`; by default the
   first of config.SERVING_BFLOAT16_CANDIDATES, what train serves when the validation photos allow
   it; this untrained model is not checked). The untrained model is unsure of every photo: this is
-  the worst case, 5 forward passes a photo. `--model` and `--photos` measure a trained model on
-  real photos instead, for example the test split of the run that trained it;
+  the worst case, 5 forward passes a photo. `--model` with `--photos` (a folder or .zip) or
+  `--split test` (that split of the ingest run the model was trained on, read from the source
+  it ingested) measures a trained model on real photos instead;
 - project-predict-single: the same with `test_time_augmentation` off (one forward pass a photo);
 - project-predict-single-float32: that, all in float32 (what train serves when no candidate passes;
   not with `--model`).
@@ -30,6 +31,8 @@ range and peak RSS per variant and the ratios, and writes the table as JSON.
 import argparse
 import json
 import os
+import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -154,6 +157,37 @@ def photo_files(path: Path, count: int) -> list[bytes]:
     if len(photos) < count:
         raise SystemExit(f"--photos {path}: {len(photos)} photos (.jpg, .jpeg, .png); need {count}")
     return photos
+
+
+def split_photos(model_uri: str, split: str, folder: Path) -> Path:
+    """Copy to `folder` the photos of `split` in the manifest of the ingest run that trained the
+    model at `model_uri` (the latest ingest run when its source run names none), from the source
+    that run ingested (fetched again if it is not cached); SystemExit naming what is missing."""
+    import pandas as pd
+
+    from pipeline import config, evaluate, sources, tracking
+    from pipeline.errors import PipelineError
+
+    tracking.configure()
+    try:
+        run = evaluate.ingest_run("", evaluate.resolve(model_uri, config.MODEL_NAME))
+        manifest = pd.read_csv(tracking.download(run, f"{config.INGEST_ARTIFACT}/{config.MANIFEST_FILE}"))
+        fetched = sources.fetch(unquoted(run.data.params["source"]), config.data_dir())
+    except PipelineError as error:
+        raise SystemExit(f"--split {split}: {error}") from None
+    names = manifest.loc[manifest["split"] == split, "file"]
+    if len(names) < PREDICT_BATCH:
+        found = f"ingest run {run.info.run_id} has {len(names)} photos in it"
+        raise SystemExit(f"--split {split}: {found}; need {PREDICT_BATCH}")
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(fetched.folder / name, folder / name)
+    return folder
+
+
+def unquoted(param: str) -> str:
+    """A run parameter as the command got it: `mlflow run` logs a value it had to quote, quoted."""
+    return shlex.split(param)[0] if param[:1] in ("'", '"') and param[-1:] == param[:1] else param
 
 
 def project_predict(variant: str, args) -> tuple[list[float], dict]:
@@ -315,7 +349,13 @@ def main() -> None:
         "(default: the first of config.SERVING_BFLOAT16_CANDIDATES)",
     )
     parser.add_argument("--model", help="a served model's URI, like models:/sign-digits-resnet50/latest")
-    parser.add_argument("--photos", type=Path, help="a folder or .zip of photos to predict (64 of them)")
+    photos = parser.add_mutually_exclusive_group()
+    photos.add_argument("--photos", type=Path, help="a folder or .zip of photos to predict (64 of them)")
+    photos.add_argument(
+        "--split",
+        choices=("train", "val", "test"),
+        help="with --model: predict 64 photos of this split of the ingest run the model was trained on",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -328,8 +368,19 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_child(args.child, args)))
         return
+    if args.split and not args.model:
+        parser.error("--split needs --model: the split of the ingest run that trained that model")
     if args.tiny:
         args.repeat, args.steps = 1, 1
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.split:
+            args.photos = split_photos(args.model, args.split, Path(tmp))
+        run_parent(args)
+
+
+def run_parent(args) -> None:
+    """Measure every variant asked for, each in its own process; print, write and log the table."""
+    from pipeline import config
 
     batch = config.BATCH_SIZE
     variants = sorted({"reference-train-b32", f"reference-train-b{batch}", "project-train-b32"})

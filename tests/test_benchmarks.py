@@ -8,10 +8,11 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-from conftest import expected_probabilities, shift_sensitive_classifier
+import pandas as pd
+from conftest import expected_probabilities, make_tree, shift_sensitive_classifier
 from PIL import Image
 
-from pipeline import config, serving
+from pipeline import config, ingest, serving, tracking
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 
@@ -47,8 +48,35 @@ def test_a_registered_model_is_timed_on_a_folder_of_photos(mlflow_store, tmp_pat
     assert "project-predict-single" in done.stdout and f"{unsure:.0%}" in done.stdout
 
 
+def test_a_registered_model_is_timed_on_the_test_split_of_the_run_that_trained_it(mlflow_store, tmp_path):
+    source = make_tree(tmp_path / "dataset", per_class=45)
+    ingest.main(["--source", str(source)])
+    ingested = tracking.find_run("ingest", "").info.run_id
+    model = shift_sensitive_classifier()
+    with mlflow.start_run(tags={config.INGEST_RUN_TAG: ingested}):  # as train tags its run
+        serving.log_model(model, "bench-model")
+    out = tmp_path / "throughput.json"
+    options = ["--model", "models:/bench-model/1", "--split", "test", "--out", str(out)]
+    done = benchmark(*options, "--variants", "project-predict")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+
+    manifest = pd.read_csv(tracking.download(mlflow.get_run(ingested), "dataset/manifest.csv"))
+    names = sorted(manifest.loc[manifest["split"] == "test", "file"])
+    assert len(names) > 64  # 64 spread over them, as from a folder
+    picked = [(source / name).read_bytes() for name in names[:: len(names) // 64][:64]]
+    single = expected_probabilities(model, serving.build_batch(picked), shift=0)
+    unsure = np.mean(single.max(axis=1) < config.TEST_TIME_GATE)
+    assert 0 < unsure < 1
+    assert row["share_shifted"] == unsure
+
+
 def test_bad_options_are_refused_naming_them(mlflow_store, tmp_path):
     done = benchmark("--photos", str(tmp_path / "nowhere"))
     assert done.returncode == 2 and "--photos" in done.stderr and "no such folder or .zip" in done.stderr
     done = benchmark("--model", "models:/none/1", "--variants", "project-predict-single-float32")
     assert done.returncode != 0 and "not with --model" in done.stderr
+    done = benchmark("--split", "test")
+    assert done.returncode == 2 and "--split needs --model" in done.stderr
+    done = benchmark("--model", "models:/none/1", "--split", "test")
+    assert done.returncode != 0 and "--split test" in done.stderr and "does not resolve" in done.stderr
