@@ -174,6 +174,10 @@ PREDICT_CHUNK_SIZE = 64  # images per forward pass of the served model; bounds a
 # than the photo alone: it cut test errors on some models (6 to 3, 7 to 2) and raised them on others
 # (2 to 4) whose validation errors it had not cut.
 TEST_TIME_SHIFT = 3
+# train's --test-time-augmentation: "auto" serves the shifts by that validation rule; "on" and
+# "off" decide without it (the validation errors are logged either way).
+TEST_TIME_AUGMENTATION_CHOICES = ("auto", "on", "off")
+TEST_TIME_AUGMENTATION = "auto"
 # ... but only for the photos whose one-view confidence (largest probability) is below this gate:
 # the rest answer from the photo alone. With label smoothing the network's confidence tops out near
 # 0.95. On the validation and test splits of two default runs' models, the shifted views changed the

@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> dict[str, str]:
             "seed": args.seed,
             "precision": args.precision,
             "model_name": args.model_name,
+            "test_time_augmentation": args.test_time_augmentation,
         },
         args.env_manager,
     )

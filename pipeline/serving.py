@@ -238,16 +238,18 @@ def choose_bfloat16_stages(model: keras.Model, photos: np.ndarray) -> tuple[tupl
 
 
 def choose_test_time_shift(
-    model: keras.Model, photos: np.ndarray, labels: np.ndarray, bfloat16_stages=()
+    model: keras.Model, photos: np.ndarray, labels: np.ndarray, bfloat16_stages=(), mode: str = "auto"
 ) -> tuple[int, int, int]:
     """config.TEST_TIME_SHIFT when the served network (its `bfloat16_stages` in bfloat16), shifting
     the photos below config.TEST_TIME_GATE, gets fewer of `photos` (uint8, the validation split)
-    wrong than from every photo alone, else 0 (off); with the errors of each: (shift, errors from
-    the photo alone, errors shifted). `labels`: digits, or one-hot rows."""
+    wrong than from every photo alone, else 0 (off); `mode` "on" or "off" decides instead of that
+    rule. With the errors of each: (shift, errors from the photo alone, errors shifted).
+    `labels`: digits, or one-hot rows."""
     labels = labels.argmax(axis=1) if labels.ndim == 2 else labels
     single, shifted = _errors(inference_model(model, bfloat16_stages), photos, labels)
     gc.collect()  # Keras models hold reference cycles: free the copy before train logs the model
-    return (config.TEST_TIME_SHIFT if shifted < single else 0), single, shifted
+    serve = shifted < single if mode == "auto" else mode == "on"
+    return (config.TEST_TIME_SHIFT if serve else 0), single, shifted
 
 
 def _errors(network: keras.Model, photos: np.ndarray, labels: np.ndarray) -> tuple[int, int]:

@@ -37,7 +37,14 @@ log = logging.getLogger("pipeline.train")
 
 BACKUP_KEY_VERSION = 1  # bump when a change to training makes old backups unusable
 # Options of main that are not run()'s.
-NOT_TRAINING_OPTIONS = ("onehot_run_id", "tune_run_id", "model_name", "strategy", "workers")
+NOT_TRAINING_OPTIONS = (
+    "onehot_run_id",
+    "tune_run_id",
+    "model_name",
+    "strategy",
+    "workers",
+    "test_time_augmentation",  # how the model is served, not how it trains
+)
 
 
 def run(
@@ -337,6 +344,13 @@ def add_options(parser) -> None:
     parser.add_argument(
         "--model-name", type=cli.model_name, default=config.MODEL_NAME, help="registered model name"
     )
+    parser.add_argument(
+        "--test-time-augmentation",
+        choices=config.TEST_TIME_AUGMENTATION_CHOICES,
+        default=config.TEST_TIME_AUGMENTATION,
+        help="whether the logged model averages shifted copies of the photos it is unsure of: "
+        "auto, when that gets fewer validation photos wrong",
+    )
 
 
 def parse_args(argv: list[str] | None):
@@ -456,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.set_tag(config.SERVING_STAGES_TAG, ",".join(map(str, stages)) or "none")
         mlflow.log_metric("serving_validation_probability_gap", gap)
         shift, errors_single, errors_shifted = serving.choose_test_time_shift(
-            model, arrays["x_val"], arrays["y_val"], stages
+            model, arrays["x_val"], arrays["y_val"], stages, args.test_time_augmentation
         )
         mlflow.set_tag(config.SERVING_SHIFT_TAG, str(shift))
         mlflow.log_metrics(

@@ -66,6 +66,7 @@ CASES = [
     ("tune", ["--workers", "2", "--onehot-run-id", MISSING_RUN], ["onehot_run_id", "does not exist"]),
     # train
     ("train", ["--epochs", "0"], ["--epochs", ">= 1, got 0"]),
+    ("train", ["--test-time-augmentation", "always"], ["--test-time-augmentation", "choice: 'always'"]),
     ("train", ["--batch-size", "0"], ["--batch-size", ">= 1, got 0"]),
     ("train", ["--batch-size", "-64"], ["--batch-size", ">= 1, got -64"]),
     ("train", ["--batch-size", "2.5"], ["--batch-size", "whole number, got 2.5"]),

@@ -294,6 +294,9 @@ def test_the_shift_is_served_only_when_it_gets_fewer_validation_photos_wrong():
     tie = single.copy()
     tie[changed[0]] = shifted[changed[0]]  # one photo right only shifted, one right only alone
     assert serving.choose_test_time_shift(model, photos, tie) == (0, 1, 1)
+    # train's --test-time-augmentation on and off decide instead of the rule; the errors are the same.
+    assert serving.choose_test_time_shift(model, photos, single, mode="on") == (config.TEST_TIME_SHIFT, 0, 2)
+    assert serving.choose_test_time_shift(model, photos, shifted, mode="off") == (0, 2, 0)
 
 
 def test_a_model_logged_with_the_shift_off_answers_every_photo_alone(mlflow_store):

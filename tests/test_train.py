@@ -143,7 +143,10 @@ def tune_then_train(tmp_path, monkeypatch, train_options):
 def test_train_continues_the_search_best_trial_as_its_first_epochs(
     mlflow_store, tmp_path, monkeypatch, caplog
 ):
-    tune_run, run = tune_then_train(tmp_path, monkeypatch, ["--epochs", "3", "--min-epochs", "1"])
+    options = ["--epochs", "3", "--min-epochs", "1", "--test-time-augmentation", "on"]
+    tune_run, run = tune_then_train(tmp_path, monkeypatch, options)
+    # Test-time augmentation forced on, whatever the validation errors say.
+    assert run.data.tags[config.SERVING_SHIFT_TAG] == str(config.TEST_TIME_SHIFT)
     client = mlflow.MlflowClient()
     (trial_run,) = mlflow.search_runs(
         experiment_names=["tests"],
