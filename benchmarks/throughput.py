@@ -20,10 +20,10 @@ Variants, each in a fresh process:
   `--split test` (that split of the ingest run the model was trained on, read from the source
   it ingested) measures a trained model on real photos instead;
 - project-predict-single: the same with `test_time_augmentation` off (one forward pass a photo);
-- project-predict-frozen-weights: project-predict in a process started with
-  TF_ONEDNN_ASSUME_FROZEN_WEIGHTS=1, as README's serving command starts `mlflow models serve`;
 - project-predict-single-float32: that, all in float32 (what train serves when no candidate passes;
-  not with `--model`).
+  not with `--model`);
+- project-predict-frozen-weights: project-predict in a process started with
+  TF_ONEDNN_ASSUME_FROZEN_WEIGHTS=1, as README's serving command starts `mlflow models serve`.
 
 Each variant warms up first (tracing, oneDNN primitive creation), then times `--repeat`
 repetitions: an epoch of `--steps` steps for training, one call for inference. Prints median,
@@ -159,14 +159,18 @@ def photo_files(path: Path, count: int) -> list[bytes]:
     if path.suffix.lower() == ".zip":
         with zipfile.ZipFile(path) as archive:
             names = sorted(name for name in archive.namelist() if name.lower().endswith(suffixes))
-            picked = names[:: max(1, len(names) // count)][:count]
-            photos = [archive.read(name) for name in picked]
+            photos = [archive.read(name) for name in spread(names, count)]
     else:
         names = sorted(file for file in path.rglob("*") if file.suffix.lower() in suffixes)
-        photos = [file.read_bytes() for file in names[:: max(1, len(names) // count)][:count]]
+        photos = [file.read_bytes() for file in spread(names, count)]
     if len(photos) < count:
         raise SystemExit(f"--photos {path}: {len(photos)} photos (.jpg, .jpeg, .png); need {count}")
     return photos
+
+
+def spread(names: list, count: int) -> list:
+    """`count` of `names`, evenly spaced from the first (all of them when there are fewer)."""
+    return names[:: max(1, len(names) // count)][:count]
 
 
 def split_photos(model_uri: str, split: str, folder: Path) -> Path:

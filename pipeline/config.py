@@ -174,16 +174,16 @@ PREDICT_CHUNK_SIZE = 64  # images per forward pass of the served model; bounds a
 # than the photo alone: it cut test errors on some models (6 to 3, 7 to 2) and raised them on others
 # (2 to 4) whose validation errors it had not cut.
 TEST_TIME_SHIFT = 3
-# train's --test-time-augmentation: "auto" serves the shifts by that validation rule; "on" and
-# "off" decide without it (the validation errors are logged either way).
-TEST_TIME_AUGMENTATION_CHOICES = ("auto", "on", "off")
-TEST_TIME_AUGMENTATION = "auto"
 # ... but only for the photos whose one-view confidence (largest probability) is below this gate:
 # the rest answer from the photo alone. With label smoothing the network's confidence tops out near
 # 0.95. On the validation and test splits of two default runs' models, the shifted views changed the
 # digit only for photos below 0.77; at 0.8, 3-8% of the photos took the extra passes, with the same
 # digits as shifting every photo, and the served default ran 2.6 times as fast (benchmarks/README.md).
 TEST_TIME_GATE = 0.8
+# train's --test-time-augmentation: "auto" serves the shifts by the validation rule above; "on" and
+# "off" decide without it (the validation errors are logged either way).
+TEST_TIME_AUGMENTATION_CHOICES = ("auto", "on", "off")
+TEST_TIME_AUGMENTATION = "auto"
 # Pixels; anything narrower is no photo of a hand: a thumbnail, a stray row of pixels
 # (MLflow splits the rows of pixels sent under "inputs"), or garbage.
 MIN_PHOTO_SIDE = 8

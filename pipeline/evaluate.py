@@ -114,8 +114,8 @@ def agreement(
     pixels = x.astype(np.float32)
     expected = keras_predict(pixels)
     if shifted.any():
-        averaged = serving.mean_over_views(keras_predict, pixels[shifted], python_model.test_time_shift)
-        expected[shifted] = np.asarray(averaged)
+        shift = python_model.test_time_shift
+        expected[shifted] = serving.mean_over_views(keras_predict, pixels[shifted], shift)
     return {
         "served_top1_agreement": float(np.mean(expected.argmax(axis=1) == probabilities.argmax(axis=1))),
         "served_max_probability_gap": float(np.abs(expected - probabilities).max()),
