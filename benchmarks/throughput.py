@@ -115,7 +115,7 @@ def project_train(batch_size: int, steps: int, repeat: int) -> list[float]:
     x, y = random_images(batch_size * steps)
     model = fitting.new_model(64, 10)
     fitting.compile_model(model, config.LEARNING_RATE, steps, repeat + 1)
-    dataset = data.dataset(x, y, batch_size, training=True, augment=True).repeat()
+    dataset = data.dataset(x, y, batch_size, training=True, augment=True, endless=True)
     return time_training(model, dataset, steps, repeat)
 
 

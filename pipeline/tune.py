@@ -108,17 +108,26 @@ class ResNetHyperModel(keras_tuner.HyperModel):
 
     def fit(self, hp: keras_tuner.HyperParameters, model: keras.Model, *args, **kwargs):
         batch_size = hp.get("batch_size")
+        x_train, x_val = self.arrays["x_train"], self.arrays["x_val"]
         train = data.dataset(
-            self.arrays["x_train"],
+            x_train,
             self.arrays["y_train"],
             batch_size,
             training=True,
             augment=self.augment,
             seed=self.seed,
+            endless=True,
         )
-        val = data.dataset(self.arrays["x_val"], self.arrays["y_val"], batch_size)
+        val = data.dataset(x_val, self.arrays["y_val"], batch_size, endless=True)
         # The dataset shuffles itself; Keras' own shuffle only warns on a tf.data input.
-        return model.fit(train, validation_data=val, shuffle=False, **kwargs)
+        return model.fit(
+            train,
+            steps_per_epoch=fitting.steps(len(x_train), batch_size),
+            validation_data=val,
+            validation_steps=fitting.steps(len(x_val), batch_size),
+            shuffle=False,
+            **kwargs,
+        )
 
 
 class MlflowTrials:

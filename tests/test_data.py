@@ -40,3 +40,13 @@ def test_no_flips_in_augmentation():
     # A mirrored hand is another sign: flipping would teach the model wrong labels.
     names = [type(layer).__name__ for layer in data.augmenter().layers]
     assert "RandomFlip" not in names and "RandomRotation" in names
+
+
+def test_endless_batches_repeat_the_epochs_each_reshuffled_and_complete():
+    x, y = arrays()
+    batches = data.dataset(x, y, 8, training=True, seed=1, endless=True).take(6)
+    labels = [b[1].numpy().argmax(1) for b in batches]
+    assert [len(b) for b in labels] == [8, 8, 4] * 2  # every epoch ends on its partial batch
+    first, second = np.concatenate(labels[:3]), np.concatenate(labels[3:])
+    assert sorted(first) == sorted(second) == sorted(y.argmax(1))
+    assert not np.array_equal(first, second)
