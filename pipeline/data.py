@@ -63,8 +63,10 @@ def dataset(
 
     `endless` repeats the epochs (each reshuffled, each ending on its partial batch) for a
     `fit` given `steps_per_epoch` (`fitting.steps`): Keras then keeps one iterator for all the
-    epochs. With a new iterator each epoch, the first step of about half the epochs waited
-    2-7 s with both cores idle (20 s epochs instead of 12 in the default run).
+    epochs. Otherwise it makes the next epoch's iterator at the end of each epoch and drops it,
+    unfinished, at the start of the next, and dropping an unfinished iterator stalled the first
+    step of about half the epochs 2-7 s with both cores idle. Validation data stays finite:
+    Keras drops its iterator after every evaluation, so an endless one stalled there instead.
     """
     data = tf.data.Dataset.from_tensor_slices((x, y)).cache()
     if training:

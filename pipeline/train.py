@@ -109,9 +109,7 @@ def run(
         log.info(
             "training %d images for up to %d epochs (%s, batch %d)", len(x_train), epochs, policy, batch_size
         )
-        x_val, y_val = arrays["x_val"], arrays["y_val"]
-        val_batch_size = max(batch_size, 128)
-        validation = data.dataset(x_val, y_val, val_batch_size)
+        validation = data.dataset(arrays["x_val"], arrays["y_val"], max(batch_size, 128))
         # The logger has the backup save the stopper's state and the average, so it comes after them.
         callbacks = [callback for callback in (stopper, average, logger, backup) if callback is not None]
         model.fit(
@@ -119,8 +117,7 @@ def run(
                 x_train, y_train, batch_size, training=True, augment=augment, seed=seed, endless=True
             ),
             steps_per_epoch=fitting.steps(len(x_train), batch_size),
-            validation_data=data.dataset(x_val, y_val, val_batch_size, endless=True),
-            validation_steps=fitting.steps(len(x_val), val_batch_size),
+            validation_data=validation,  # finite: see data.dataset
             epochs=epochs,
             initial_epoch=initial_epoch,
             callbacks=callbacks,

@@ -108,7 +108,7 @@ class ResNetHyperModel(keras_tuner.HyperModel):
 
     def fit(self, hp: keras_tuner.HyperParameters, model: keras.Model, *args, **kwargs):
         batch_size = hp.get("batch_size")
-        x_train, x_val = self.arrays["x_train"], self.arrays["x_val"]
+        x_train = self.arrays["x_train"]
         train = data.dataset(
             x_train,
             self.arrays["y_train"],
@@ -118,13 +118,12 @@ class ResNetHyperModel(keras_tuner.HyperModel):
             seed=self.seed,
             endless=True,
         )
-        val = data.dataset(x_val, self.arrays["y_val"], batch_size, endless=True)
+        val = data.dataset(self.arrays["x_val"], self.arrays["y_val"], batch_size)  # finite: see data.dataset
         # The dataset shuffles itself; Keras' own shuffle only warns on a tf.data input.
         return model.fit(
             train,
             steps_per_epoch=fitting.steps(len(x_train), batch_size),
             validation_data=val,
-            validation_steps=fitting.steps(len(x_val), batch_size),
             shuffle=False,
             **kwargs,
         )
