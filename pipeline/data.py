@@ -64,9 +64,10 @@ def dataset(
     `endless` repeats the epochs (each reshuffled, each ending on its partial batch) for a
     `fit` given `steps_per_epoch` (`fitting.steps`): Keras then keeps one iterator for all the
     epochs. Otherwise it makes the next epoch's iterator at the end of each epoch and drops it,
-    unfinished, at the start of the next, and dropping an unfinished iterator stalled the first
-    step of about half the epochs 2-7 s with both cores idle. Validation data stays finite:
-    Keras drops its iterator after every evaluation, so an endless one stalled there instead.
+    unread, at the start of the next; the first step of over a third of the epochs then stalled
+    2-7 s with both cores idle (benchmarks/README.md). Validation data stays finite: Keras makes
+    a new evaluation iterator for every evaluation, and with an endless one the stall came
+    before the evaluations instead.
     """
     data = tf.data.Dataset.from_tensor_slices((x, y)).cache()
     if training:
