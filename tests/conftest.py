@@ -17,6 +17,10 @@ from PIL import Image
 from pipeline import config
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Training steps run eagerly here and in every process a test starts: tracing ResNet50's train
+# graph costs 20-90 s per process on 2 cores, more than a test's few steps on tiny photos. The
+# traced path, the one users run, is tested where a test asks for the `traced` fixture.
+os.environ.setdefault(config.EAGER_ENV, "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE_ENV = "SIGN_DIGITS_ARCHIVE"
@@ -47,6 +51,12 @@ def sqlite_store(root: Path, **env: str):
             yield uri
         finally:
             mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture
+def traced(monkeypatch):
+    """Training steps traced into a graph, as users run them."""
+    monkeypatch.setenv(config.EAGER_ENV, "0")
 
 
 @pytest.fixture

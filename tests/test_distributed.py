@@ -24,15 +24,6 @@ from pipeline import config, ingest, onehot, tune
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 TIMEOUT_S = 900  # a whole command on two shared cores
-# Keras Tuner workers train eagerly: tracing ResNet50's train graph costs 30-45 s per trial
-# on 2 cores, an eager 1-epoch trial on 20 photos ~10 s. Only processes with a worker's
-# KERASTUNER_TUNER_ID are affected; the chief and the launcher run as users run them.
-EAGER_WORKERS = """\
-import os
-if os.environ.get("KERASTUNER_TUNER_ID", "").startswith("tuner"):
-    import tensorflow as tf
-    tf.config.run_functions_eagerly(True)
-"""
 
 
 @pytest.fixture
@@ -42,14 +33,6 @@ def store(mlflow_store, tmp_path, monkeypatch):
     ingest.main(["--source", str(make_tree(tmp_path / "photos", per_class=4)), "--image-size", "32"])
     onehot.main([])
     return mlflow_store
-
-
-@pytest.fixture
-def eager_workers(tmp_path, monkeypatch):
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(EAGER_WORKERS)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hooks), str(ROOT)]))
 
 
 @pytest.fixture
@@ -148,9 +131,7 @@ def wait_for(condition, process: subprocess.Popen, seconds: float = TIMEOUT_S):
     raise AssertionError(f"no {condition.__name__} within {seconds} s")
 
 
-def test_a_chief_and_two_workers_run_every_trial_once_under_one_search_run(
-    store, eager_workers, sessions, tmp_path
-):
+def test_a_chief_and_two_workers_run_every_trial_once_under_one_search_run(store, sessions, tmp_path):
     finish(tune_command(sessions, tmp_path, max_trials=4), tmp_path, "tune")
     search = the_search_run()
     trials = trial_runs(search)
@@ -176,9 +157,7 @@ def test_a_chief_and_two_workers_run_every_trial_once_under_one_search_run(
     assert logs == {"logs/chief.log", "logs/tuner0.log", "logs/tuner1.log"}
 
 
-def test_a_worker_killed_mid_trial_is_restarted_and_its_trial_run_again(
-    store, eager_workers, sessions, tmp_path
-):
+def test_a_worker_killed_mid_trial_is_restarted_and_its_trial_run_again(store, sessions, tmp_path):
     launcher = tune_command(sessions, tmp_path, max_trials=4)
 
     def a_trial_of_tuner1():

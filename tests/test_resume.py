@@ -2,7 +2,7 @@
 
 Each stage runs as users run it, in a process of its own, against a SQLite store under
 tmp_path, on 3 or 4 small photos per digit at 32x32, with eager training steps
-(config.EAGER_ENV) so that no process spends a minute tracing ResNet50.
+(conftest) so that no process spends a minute tracing ResNet50.
 """
 
 import json
@@ -32,7 +32,6 @@ def store(mlflow_store, tmp_path, monkeypatch):
     monkeypatch.setenv(config.TUNER_DIR_ENV, str(tmp_path / "tuner"))
     monkeypatch.setenv(config.CHECKPOINT_DIR_ENV, str(tmp_path / "checkpoints"))
     monkeypatch.setenv(config.BACKUP_INTERVAL_ENV, "0")  # a backup after every epoch
-    monkeypatch.setenv(config.EAGER_ENV, "1")
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     ingest.main(["--source", str(make_tree(tmp_path / "photos", per_class=3)), "--image-size", "32"])
     onehot.main([])
@@ -250,7 +249,6 @@ def test_main_killed_during_train_reuses_every_finished_step_and_continues_train
     monkeypatch.setenv(config.TUNER_DIR_ENV, str(tmp_path / "tuner"))
     monkeypatch.setenv(config.CHECKPOINT_DIR_ENV, str(tmp_path / "checkpoints"))
     monkeypatch.setenv(config.BACKUP_INTERVAL_ENV, "0")  # a backup after every epoch
-    monkeypatch.setenv(config.EAGER_ENV, "1")
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     mlflow.create_experiment("e2e", artifact_location=(tmp_path / "artifacts").as_uri())

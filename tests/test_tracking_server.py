@@ -227,7 +227,7 @@ def test_stages_log_runs_to_postgresql_and_artifacts_through_the_server(server, 
 def test_a_distributed_search_logs_every_workers_trials_under_one_search_run(server, tmp_path):
     """`tune --workers 2`: a Keras Tuner chief and two workers, each a client of the server."""
     work = tmp_path / "work"
-    env = {**user_env(server.url, work), config.EAGER_ENV: "1", config.TUNER_DIR_ENV: str(work / "tuner")}
+    env = {**user_env(server.url, work), config.TUNER_DIR_ENV: str(work / "tuner")}
     env["MLFLOW_EXPERIMENT_NAME"] = "team-search"
     photos = make_tree(tmp_path / "photos", per_class=3)
     for command in (

@@ -41,7 +41,7 @@ def test_impossible_parameters_are_named(options, name):
 
 
 @pytest.mark.slow
-def test_run_trains_logs_each_epoch_and_writes_curves(mlflow_store, tiny_arrays, tmp_path):
+def test_run_trains_logs_each_epoch_and_writes_curves(mlflow_store, tiny_arrays, tmp_path, traced):
     with mlflow.start_run() as run:
         model, history, kept = train.run(
             tiny_arrays,
@@ -52,6 +52,7 @@ def test_run_trains_logs_each_epoch_and_writes_curves(mlflow_store, tiny_arrays,
             min_epochs=0,
             precision="float32",
         )
+    assert not model.run_eagerly  # the traced train step users run
     assert list(history["epoch"]) == [0, 1]
     # Both epochs trained lie in the averaging window: the model is their mean.
     assert history["kept"].all() and kept["averaged_epochs"] == 2 and kept["epoch"] == 2
@@ -127,7 +128,6 @@ def tune_then_train(tmp_path, monkeypatch, train_options):
     """A one-trial search of 1 epoch that starts a 3-epoch training, then train on its result."""
     from pipeline import tune
 
-    monkeypatch.setenv(config.EAGER_ENV, "1")  # no 30-90 s of graph tracing per process
     monkeypatch.setenv(config.TUNER_DIR_ENV, str(tmp_path / "tuner"))
     ingest.main(["--source", str(make_tree(tmp_path / "photos", per_class=3)), "--image-size", "32"])
     onehot.main([])

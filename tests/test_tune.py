@@ -38,12 +38,11 @@ def tuner_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def eager(monkeypatch):
-    """Run Keras' train step eagerly, here and in the trials' processes: tracing ResNet50's
-    train graph costs 30-90 s per process on 2 cores, against ~10 s for a whole eager
+def eager():
+    """Every tf.function eager in this process too, not only the train step (conftest):
+    tracing ResNet50 costs 30-90 s per process on 2 cores, against ~10 s for a whole eager
     1-epoch trial on these 20 photos. Searches in graph mode (the production path) are
     measured outside the suite."""
-    monkeypatch.setenv(config.EAGER_ENV, "1")
     tf.config.run_functions_eagerly(True)
     yield
     tf.config.run_functions_eagerly(False)
