@@ -3,7 +3,8 @@
 Labels come from the layout (`Dataset/<digit>/*.JPG`, `<digit>/<file>`, or flat
 `<digit>_<n>.JPG` names), never from listing order. Files that cannot be used
 are skipped, listed and reported; the stage fails only when what is left
-cannot make a dataset.
+cannot make a dataset. Photos whose label the photo contradicts
+(config.CONTRADICTED_LABELS) are listed too, and left out of training only.
 """
 
 import hashlib
@@ -66,6 +67,8 @@ def run(
     check_classes(manifest, fetched.folder)
     # Split
     manifest["split"] = assign_splits(manifest, val_fraction, test_fraction, seed)
+    manifest, contradicted = leave_out_of_training(manifest)
+    skipped += contradicted
     manifest = manifest.sort_values(["split", "label", "file"], key=_split_order).reset_index(drop=True)
     manifest["index"] = manifest.groupby("split").cumcount()
     arrays = _arrays(manifest, pixels)
@@ -288,6 +291,19 @@ def assign_splits(manifest: pd.DataFrame, val_fraction: float, test_fraction: fl
             split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
             split_of_hash[hashes[position]] = split
     return manifest["sha256"].map(split_of_hash)
+
+
+def leave_out_of_training(manifest: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """The manifest without the training photos listed in config.CONTRADICTED_LABELS, and those
+    photos with the reason. Done after the split, so every other photo keeps its split."""
+    listed = manifest["sha256"].isin(config.CONTRADICTED_LABELS) & (manifest["split"] == "train")
+    left_out = [
+        (name, f"left out of training: the photo shows {config.CONTRADICTED_LABELS[sha]}")
+        for name, sha in zip(manifest.loc[listed, "file"], manifest.loc[listed, "sha256"])
+    ]
+    for name, reason in left_out:
+        log.info("%s %s", name, reason)
+    return manifest[~listed], left_out
 
 
 def _split_order(column: pd.Series) -> pd.Series:

@@ -101,6 +101,34 @@ def test_identical_files_never_straddle_splits(tmp_path):
         assert (manifest.groupby("sha256").size() == 4).sum() == 10
 
 
+def test_photos_with_contradicted_labels_are_left_out_of_training_only(tmp_path, monkeypatch):
+    root = make_tree(tmp_path / "photos", per_class=10, layout="folders")
+    before = run(root, tmp_path).manifest.set_index("file")
+    in_train, in_test = (
+        before.index[before["split"] == "train"][3],
+        before.index[before["split"] == "test"][0],
+    )
+    monkeypatch.setattr(
+        config,
+        "CONTRADICTED_LABELS",
+        {before.loc[name, "sha256"]: f"the sign for {name}" for name in (in_train, in_test)},
+    )
+    result = run(root, tmp_path)
+    assert skipped_reasons(result) == {
+        in_train: f"left out of training: the photo shows the sign for {in_train}"
+    }
+    after = result.manifest.set_index("file")
+    assert in_train not in after.index and after.loc[in_test, "split"] == "test"
+    # Every other photo keeps its split, and the arrays follow the manifest.
+    assert after["split"].equals(before.drop(index=in_train)["split"].loc[after.index])
+    assert (
+        len(result.arrays["x_train"])
+        == (after["split"] == "train").sum()
+        == (before["split"] == "train").sum() - 1
+    )
+    assert (result.arrays["y_train"] == after.loc[after["split"] == "train", "label"].to_numpy()).all()
+
+
 def test_identical_content_under_two_labels_is_rejected(tmp_path):
     root = make_tree(tmp_path / "photos", per_class=4, layout="folders")
     (root / "5" / "clash.jpg").write_bytes(photo_bytes(3, 0))
@@ -324,7 +352,15 @@ def test_zip_source_with_a_bad_entry_still_ingests(tmp_path, dataset_dir):
 @pytest.mark.slow
 def test_real_archive(real_archive, tmp_path):
     result = run(real_archive, tmp_path)
-    assert len(result.manifest) >= 1800 and result.skipped.empty
+    assert len(result.manifest) >= 1800
+    # The one photo with a contradicted label in the training split is left out of it; the one
+    # in the test split stays there under its published label.
+    reasons = skipped_reasons(result)
+    assert [name.split("/Dataset/")[1] for name in reasons] == ["2/IMG_5176.JPG"]
+    assert "the sign for 3" in next(iter(reasons.values()))
+    listed = result.manifest[result.manifest["sha256"].isin(config.CONTRADICTED_LABELS)]
+    assert listed["file"].str.endswith("/Dataset/3/IMG_5108.JPG").tolist() == [True]
+    assert listed["split"].tolist() == ["test"]
     assert sorted(result.manifest["label"].unique()) == list(range(10))
     assert result.manifest["sha256"].is_unique
     # Three photos of digit 7 are 3024x3024 phone shots stored sideways with an EXIF
