@@ -23,10 +23,9 @@ SEED = 42
 
 # Photos of the archive whose folder label the photo itself contradicts (README, "The data"),
 # by the sha256 of the file, with what the photo shows. Ingest leaves them out of the training
-# split, where they would teach the model a wrong sign: `2/IMG_5176.JPG` is a 3 held with the
-# thumb out, like `3/IMG_4246.JPG`, the test photo the default runs got wrong most often (said 2).
-# Validation and test keep them under their published labels, so accuracies stay those of the
-# archive's labels.
+# split, where they would teach the model a wrong sign (`2/IMG_5176.JPG` is a 3 filed as a 2;
+# what that gave: benchmarks/README.md). Validation and test keep them under their published
+# labels, so accuracies stay those of the archive's labels.
 CONTRADICTED_LABELS = {
     # Dataset/2/IMG_5176.JPG
     "01349dde7dad986e435ce63b53eefbc199695dacb74902d72f4d341a09114b60": (
