@@ -69,6 +69,7 @@ def run(
     manifest["split"] = assign_splits(manifest, val_fraction, test_fraction, seed)
     manifest, contradicted = leave_out_of_training(manifest)
     skipped += contradicted
+    check_training_split(manifest, contradicted)
     manifest = manifest.sort_values(["split", "label", "file"], key=_split_order).reset_index(drop=True)
     manifest["index"] = manifest.groupby("split").cumcount()
     arrays = _arrays(manifest, pixels)
@@ -304,6 +305,22 @@ def leave_out_of_training(manifest: pd.DataFrame) -> tuple[pd.DataFrame, list[tu
     for name, reason in left_out:
         log.info("%s %s", name, reason)
     return manifest[~listed], left_out
+
+
+def check_training_split(manifest: pd.DataFrame, left_out: list[tuple[str, str]]) -> None:
+    """Every digit needs a photo to train on once the split and the photos left out are done.
+
+    check_classes cannot promise it: large fractions round a small digit's training share to
+    none, and a listed photo may be its digit's only training photo."""
+    trained = set(manifest.loc[manifest["split"] == "train", "label"])
+    missing = [str(label) for label in range(config.NUM_CLASSES) if label not in trained]
+    if not missing:
+        return
+    also = f" ({', '.join(name for name, _ in left_out)} left out of training)" if left_out else ""
+    raise PipelineError(
+        f"no training photo for digit {', '.join(missing)} after the split{also}; "
+        "raise max_per_class (0 takes every photo) or lower val_fraction / test_fraction"
+    )
 
 
 def _split_order(column: pd.Series) -> pd.Series:

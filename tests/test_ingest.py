@@ -129,6 +129,22 @@ def test_photos_with_contradicted_labels_are_left_out_of_training_only(tmp_path,
     assert (result.arrays["y_train"] == after.loc[after["split"] == "train", "label"].to_numpy()).all()
 
 
+def test_a_digit_left_without_training_photos_is_a_clear_error(tmp_path, monkeypatch):
+    root = make_tree(tmp_path / "photos", per_class=4, layout="folders")
+    # Of four photos, 0.45 rounds to two for validation and two for test.
+    with pytest.raises(PipelineError, match=r"no training photo for digit 0, 1, .*9 after the split;"):
+        run(root, tmp_path, val_fraction=0.45, test_fraction=0.45)
+    assert not (tmp_path / "out").exists()
+    # Three photos a digit: one each for training, validation and test. When the training one
+    # has a contradicted label, nothing is left to train that digit on.
+    manifest = run(root, tmp_path, max_per_class=3).manifest
+    only = manifest[(manifest["split"] == "train") & (manifest["label"] == 4)].iloc[0]
+    monkeypatch.setattr(config, "CONTRADICTED_LABELS", {only["sha256"]: "the sign for 5"})
+    message = rf"digit 4 after the split \({only['file']} left out of training\); raise max_per_class"
+    with pytest.raises(PipelineError, match=message):
+        run(root, tmp_path, max_per_class=3)
+
+
 def test_identical_content_under_two_labels_is_rejected(tmp_path):
     root = make_tree(tmp_path / "photos", per_class=4, layout="folders")
     (root / "5" / "clash.jpg").write_bytes(photo_bytes(3, 0))
