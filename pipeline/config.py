@@ -186,9 +186,9 @@ PREDICT_CHUNK_SIZE = 64  # images per forward pass of the served model; bounds a
 # leaves one side coming back on the other. 0 turns it off; callers turn it off per request with
 # the predict parameter `test_time_augmentation`. Chosen on the validation split of the default
 # run's model: 4 of 280 wrong without; 2-4 with shifts of 2-4 pixels, 2 with this one. It costs
-# 5 forward passes a shifted photo. Train serves it only when it gets fewer validation photos wrong
-# than the photo alone: it cut test errors on some models (6 to 3, 7 to 2) and raised them on others
-# (2 to 4) whose validation errors it had not cut.
+# 5 forward passes a shifted photo. Train serves it only when it lowers the validation loss
+# (serving.choose_test_time_shift): shifting every photo cut test errors on some models (6 to 3,
+# 7 to 2) and raised them on others (2 to 4).
 TEST_TIME_SHIFT = 3
 # ... but only for the photos whose one-view confidence (largest probability) is below this gate:
 # the rest answer from the photo alone. With label smoothing the network's confidence tops out near
@@ -197,7 +197,7 @@ TEST_TIME_SHIFT = 3
 # digits as shifting every photo, and the served default ran 2.6 times as fast (benchmarks/README.md).
 TEST_TIME_GATE = 0.8
 # train's --test-time-augmentation: "auto" serves the shifts by the validation rule above; "on" and
-# "off" decide without it (the validation errors are logged either way).
+# "off" decide without it (the validation loss and errors are logged either way).
 TEST_TIME_AUGMENTATION_CHOICES = ("auto", "on", "off")
 TEST_TIME_AUGMENTATION = "auto"
 # Pixels; anything narrower is no photo of a hand: a thumbnail, a stray row of pixels

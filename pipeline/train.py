@@ -352,7 +352,7 @@ def add_options(parser) -> None:
         choices=config.TEST_TIME_AUGMENTATION_CHOICES,
         default=config.TEST_TIME_AUGMENTATION,
         help="whether the logged model averages shifted copies of the photos it is unsure of: "
-        "auto, when that gets fewer validation photos wrong",
+        "auto, when that lowers the validation loss",
     )
 
 
@@ -472,21 +472,26 @@ def main(argv: list[str] | None = None) -> None:
         stages, gap = serving.choose_bfloat16_stages(model, arrays["x_val"])
         mlflow.set_tag(config.SERVING_STAGES_TAG, ",".join(map(str, stages)) or "none")
         mlflow.log_metric("serving_validation_probability_gap", gap)
-        shift, errors_single, errors_shifted = serving.choose_test_time_shift(
+        shift, scores = serving.choose_test_time_shift(
             model, arrays["x_val"], arrays["y_val"], stages, args.test_time_augmentation
         )
         mlflow.set_tag(config.SERVING_SHIFT_TAG, str(shift))
         mlflow.log_metrics(
             {
-                "serving_validation_errors_single_view": errors_single,
-                "serving_validation_errors_shifted": errors_shifted,
+                "serving_validation_errors_single_view": scores.errors_single,
+                "serving_validation_errors_shifted": scores.errors_shifted,
+                "serving_validation_loss_single_view": scores.loss_single,
+                "serving_validation_loss_shifted": scores.loss_shifted,
             }
         )
         log.info(
-            "test-time augmentation %s: %d validation photos wrong shifted, %d from the photo alone",
+            "test-time augmentation %s: validation loss %.4f shifted, %.4f from the photo alone "
+            "(%d and %d photos wrong)",
             f"on ({shift} pixels)" if shift else "off",
-            errors_shifted,
-            errors_single,
+            scores.loss_shifted,
+            scores.loss_single,
+            scores.errors_shifted,
+            scores.errors_single,
         )
         example = example_png(arrays["x_val"][0])
         info = serving.log_model(model, args.model_name, example, stages, test_time_shift=shift)

@@ -277,26 +277,39 @@ def test_unsure_photos_average_five_shifted_views_unless_a_request_turns_it_off(
     )
 
 
-def test_the_shift_is_served_only_when_it_gets_fewer_validation_photos_wrong():
+def test_the_shift_is_served_only_when_it_lowers_the_validation_loss():
     model = shift_sensitive_classifier()
     photos = np.stack([pixels((64, 64, 3), seed) for seed in range(6)])
-    single = expected_probabilities(model, photos, shift=0).argmax(axis=1)
-    shifted = expected_probabilities(model, photos).argmax(axis=1)
-    changed = np.flatnonzero(single != shifted)
-    assert len(changed) == 2  # the shifts change two digits of this model's
-    assert serving.choose_test_time_shift(model, photos, shifted) == (config.TEST_TIME_SHIFT, 2, 0)
-    assert serving.choose_test_time_shift(model, photos, np.eye(10)[shifted]) == (
-        config.TEST_TIME_SHIFT,
-        2,
-        0,
-    )
-    assert serving.choose_test_time_shift(model, photos, single) == (0, 0, 2)
-    tie = single.copy()
-    tie[changed[0]] = shifted[changed[0]]  # one photo right only shifted, one right only alone
-    assert serving.choose_test_time_shift(model, photos, tie) == (0, 1, 1)
-    # train's --test-time-augmentation on and off decide instead of the rule; the errors are the same.
-    assert serving.choose_test_time_shift(model, photos, single, mode="on") == (config.TEST_TIME_SHIFT, 0, 2)
-    assert serving.choose_test_time_shift(model, photos, shifted, mode="off") == (0, 2, 0)
+    alone = expected_probabilities(model, photos, shift=0)
+    shifted = expected_probabilities(model, photos)
+    assert np.flatnonzero(alone.argmax(axis=1) != shifted.argmax(axis=1)).size == 2  # two digits change
+
+    def expected(labels):
+        labels = np.asarray(labels)
+        errors = [int((p.argmax(axis=1) != labels).sum()) for p in (alone, shifted)]
+        losses = [-np.log(p[np.arange(len(labels)), labels]).mean() for p in (alone, shifted)]
+        return errors, losses
+
+    def choice(labels, **options):
+        labels = np.asarray(labels)
+        shift, scores = serving.choose_test_time_shift(model, photos, labels, **options)
+        digits = labels.argmax(axis=1) if labels.ndim == 2 else labels
+        assert [scores.errors_single, scores.errors_shifted] == expected(digits)[0]
+        np.testing.assert_allclose([scores.loss_single, scores.loss_shifted], expected(digits)[1], rtol=1e-5)
+        return shift
+
+    # Labelled as the shifted views answer, or as the photos alone answer: the loss and the errors agree.
+    assert choice(shifted.argmax(axis=1)) == config.TEST_TIME_SHIFT
+    assert choice(np.eye(10)[shifted.argmax(axis=1)]) == config.TEST_TIME_SHIFT  # one-hot rows
+    assert choice(alone.argmax(axis=1)) == 0
+    # Labels on which the shifts get one more photo wrong (3 against 2) but lower the loss: served.
+    disagree = [9, 0, 2, 7, 7, 2]
+    (wrong_alone, wrong_shifted), (loss_alone, loss_shifted) = expected(disagree)
+    assert wrong_shifted > wrong_alone and loss_shifted < loss_alone
+    assert choice(disagree) == config.TEST_TIME_SHIFT
+    # train's --test-time-augmentation on and off decide instead of the rule; the scores are the same.
+    assert choice(alone.argmax(axis=1), mode="on") == config.TEST_TIME_SHIFT
+    assert choice(shifted.argmax(axis=1), mode="off") == 0
 
 
 def test_a_model_logged_with_the_shift_off_answers_every_photo_alone(mlflow_store):
