@@ -307,6 +307,11 @@ def test_the_shift_is_served_only_when_it_lowers_the_validation_loss():
     (wrong_alone, wrong_shifted), (loss_alone, loss_shifted) = expected(disagree)
     assert wrong_shifted > wrong_alone and loss_shifted < loss_alone
     assert choice(disagree) == config.TEST_TIME_SHIFT
+    # And the other way round: one photo fewer wrong shifted (1 against 2), a higher loss: not served.
+    disagree = [7, 9, 2, 7, 5, 2]
+    (wrong_alone, wrong_shifted), (loss_alone, loss_shifted) = expected(disagree)
+    assert wrong_shifted < wrong_alone and loss_shifted > loss_alone
+    assert choice(disagree) == 0
     # train's --test-time-augmentation on and off decide instead of the rule; the scores are the same.
     assert choice(alone.argmax(axis=1), mode="on") == config.TEST_TIME_SHIFT
     assert choice(shifted.argmax(axis=1), mode="off") == 0
