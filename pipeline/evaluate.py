@@ -31,7 +31,6 @@ from pipeline.errors import PipelineError
 log = logging.getLogger("pipeline.evaluate")
 
 PROBABILITY_COLUMNS = [f"p{digit}" for digit in range(config.NUM_CLASSES)]
-EPSILON = 1e-7  # Keras' clip for cross-entropy
 MAX_GALLERY = 48  # the most confident mistakes; more make an unreadable picture
 GALLERY_COLUMNS = 8
 
@@ -157,10 +156,11 @@ def predict(model: mlflow.pyfunc.PyFuncModel, x: np.ndarray, params: dict | None
 
 def score(y: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
     """Accuracy, cross-entropy of the probabilities, macro F1 and the number of mistakes."""
-    true_probability = probabilities[np.arange(len(y)), y]
+    from pipeline import serving  # TensorFlow: imported by then to load the model
+
     return {
         "test_accuracy": float(np.mean(predicted == y)),
-        "test_loss": float(-np.mean(np.log(np.clip(true_probability, EPSILON, 1.0)))),
+        "test_loss": serving.cross_entropy(probabilities, y),
         "macro_f1": float(f1_score(y, predicted, average="macro", zero_division=0)),
         "num_misclassified": int(np.sum(predicted != y)),
     }

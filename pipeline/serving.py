@@ -86,6 +86,7 @@ TEST_TIME_SHIFT_KEY = "test_time_shift"  # in the logged model's model_config
 TEST_TIME_GATE_KEY = "test_time_gate"  # in the logged model's model_config
 BFLOAT16_STAGES_KEY = "bfloat16_stages"  # in the logged model's model_config
 TEST_TIME_AUGMENTATION = "test_time_augmentation"  # the predict parameter
+CROSS_ENTROPY_EPSILON = 1e-7  # Keras' clip for cross-entropy
 PACKAGE_DIR = Path(__file__).resolve().parent
 # What loading the served model imports; pinned to the versions it was logged with.
 SERVING_PACKAGES = ("mlflow", "tensorflow", "keras", "numpy", "pandas", "pillow")
@@ -276,9 +277,14 @@ def view_scores(network: keras.Model, photos: np.ndarray, labels: np.ndarray) ->
 
     probabilities = [in_chunks(infer, photos) for infer in (single, shifted)]
     errors = [int((p.argmax(axis=1) != labels).sum()) for p in probabilities]
-    right = [p[np.arange(len(labels)), labels] for p in probabilities]
-    losses = [float(-np.log(np.maximum(r, 1e-12)).mean()) for r in right]
-    return ViewScores(*errors, *losses)
+    return ViewScores(*errors, *(cross_entropy(p, labels) for p in probabilities))
+
+
+def cross_entropy(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """The mean cross-entropy of class probabilities (N, K) against the digits `labels`, each
+    probability clipped to CROSS_ENTROPY_EPSILON as Keras clips it."""
+    right = probabilities[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.clip(right, CROSS_ENTROPY_EPSILON, 1.0))))
 
 
 def compiled(network: keras.Model):
