@@ -78,5 +78,8 @@ def dataset(
     data = data.map(lambda images, labels: (tf.cast(images, tf.float32), labels), AUTOTUNE)
     if training and augment:
         layers = augmenter(seed)
-        data = data.map(lambda images, labels: (layers(images, training=True), labels), AUTOTUNE)
+        # One batch at a time: the layers draw from one random state, and batches augmented in
+        # parallel took its draws in whatever order they ran, so a seed did not repeat a training
+        # (benchmarks/README.md: the step 2% slower, within the machine's noise).
+        data = data.map(lambda images, labels: (layers(images, training=True), labels))
     return data.prefetch(AUTOTUNE)
