@@ -67,6 +67,19 @@ def test_run_trains_logs_each_epoch_and_writes_curves(mlflow_store, tiny_arrays,
 
 
 @pytest.mark.slow
+def test_the_same_seed_trains_the_same_model(tiny_arrays, tmp_path):
+    def weights(seed):
+        model, _, _ = train.run(
+            tiny_arrays, tmp_path / f"out-{seed}", None, batch_size=4, epochs=2, min_epochs=0, seed=seed
+        )
+        return model.get_weights()
+
+    first = weights(seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(first, weights(seed=3), strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, weights(seed=4), strict=True))
+
+
+@pytest.mark.slow
 @pytest.mark.integration
 def test_main_registers_a_model_that_loads_by_name(mlflow_store, tmp_path):
     root = make_tree(tmp_path / "photos", per_class=3)
