@@ -363,7 +363,12 @@ def parse_args(argv: list[str] | None):
         "--tune-run-id", default="", help="take learning rate and batch size from this search"
     )
     add_options(parser)
-    parser.add_argument("--seed", type=cli.seed, default=config.SEED)
+    parser.add_argument(
+        "--seed",
+        type=cli.seed,
+        default=config.SEED,
+        help="initial weights, data order and augmentation: one seed repeats a training on one machine",
+    )
     parser.add_argument(
         "--strategy",
         choices=config.STRATEGIES,
