@@ -30,7 +30,7 @@ def load(onehot_run) -> dict[str, np.ndarray]:
 
 
 def augmenter(seed: int | None = None):
-    """Random geometric and photometric changes that keep a digit's meaning (no flips)."""
+    """Random geometric and photometric changes that keep a digit's meaning (no flips: config)."""
     import keras
     from keras import layers
 

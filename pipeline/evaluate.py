@@ -61,8 +61,10 @@ def run(model_uri: str, x_test: np.ndarray, y_test: np.ndarray, out_dir: Path) -
     every prediction to `out_dir`; returns test_accuracy, test_loss, macro_f1 and
     num_misclassified, and for a model of this pipeline how closely it follows its Keras
     model and, when it answers with test-time augmentation, test_accuracy_single_view
-    (every photo alone) and test_share_shifted (the share of photos it also shifted). Raises
-    PipelineError when the URI does not load or the arrays do not match.
+    (every photo alone) and test_share_shifted (the share of photos it also shifted), and
+    test_accuracy_mirrored: on the photos mirrored left to right, as a left hand or a front camera
+    that mirrors shows a sign. Raises PipelineError when the URI does not load or the arrays do
+    not match.
     """
     from pipeline import serving  # TensorFlow: not imported before the arguments are checked
 
@@ -80,6 +82,8 @@ def run(model_uri: str, x_test: np.ndarray, y_test: np.ndarray, out_dir: Path) -
         shifted = python_model.shifted_photos(single["confidence"].to_numpy())
         metrics["test_accuracy_single_view"] = float(np.mean(single["digit"].to_numpy() == y_test))
         metrics["test_share_shifted"] = float(np.mean(shifted))
+    mirrored = predict(served, np.ascontiguousarray(x_test[:, :, ::-1]))
+    metrics["test_accuracy_mirrored"] = float(np.mean(mirrored["digit"].to_numpy() == y_test))
     metrics.update(agreement(served, x_test, probabilities, shifted))
     # Write
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -160,6 +160,8 @@ def test_the_served_answers_are_compared_over_the_views_the_served_model_used(ml
     assert metrics["test_share_shifted"] == unsure.mean()
     assert metrics["test_accuracy_single_view"] == 1.0
     assert metrics["served_top1_agreement"] == 1.0 and metrics["served_max_probability_gap"] < 1e-5
+    mirrored = expected_probabilities(model, x[:, :, ::-1]).argmax(axis=1) == single.argmax(axis=1)
+    assert metrics["test_accuracy_mirrored"] == mirrored.mean() < 1.0
 
 
 def test_run_on_a_perfect_model_draws_a_note_instead_of_a_gallery(mlflow_store, test_split, tmp_path):
@@ -170,6 +172,7 @@ def test_run_on_a_perfect_model_draws_a_note_instead_of_a_gallery(mlflow_store, 
     assert metrics["macro_f1"] == 1.0 and metrics["test_loss"] < 1e-3
     assert metrics["served_top1_agreement"] == 1.0 and metrics["served_max_probability_gap"] < 1e-5
     assert metrics["test_accuracy_single_view"] == 1.0  # a mean colour does not move with a shift
+    assert metrics["test_accuracy_mirrored"] == 1.0  # nor with a mirror
     with Image.open(tmp_path / "out" / config.MISTAKES_FILE) as note:
         assert note.height < 200
 
