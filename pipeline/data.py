@@ -57,6 +57,7 @@ def dataset(
     augment: bool = False,
     seed: int = config.SEED,
     endless: bool = False,
+    skip: int = 0,
 ) -> tf.data.Dataset:
     """Batches of (float32 pixels 0-255, labels): uint8 cached in memory, shuffled and
     augmented on the fly for training, prefetched so the model never waits.
@@ -68,6 +69,9 @@ def dataset(
     2-7 s with both cores idle (benchmarks/README.md). Validation data stays finite: Keras makes
     a new evaluation iterator for every evaluation, and with an endless one the stall came
     before the evaluations instead.
+
+    `skip` batches are drawn, shuffled and augmented, then dropped: a training continued after
+    that many steps gets the batches it would have had uninterrupted.
     """
     data = tf.data.Dataset.from_tensor_slices((x, y)).cache()
     if training:
@@ -82,4 +86,4 @@ def dataset(
         # parallel took its draws in whatever order they ran, so a seed did not repeat a training
         # (benchmarks/README.md: the step 2% slower, within the machine's noise).
         data = data.map(lambda images, labels: (layers(images, training=True), labels))
-    return data.prefetch(AUTOTUNE)
+    return data.prefetch(AUTOTUNE).skip(skip)

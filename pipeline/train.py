@@ -110,13 +110,24 @@ def run(
             "training %d images for up to %d epochs (%s, batch %d)", len(x_train), epochs, policy, batch_size
         )
         validation = data.dataset(arrays["x_val"], arrays["y_val"], max(batch_size, 128))
+        steps_per_epoch = fitting.steps(len(x_train), batch_size)
+        # A continued run draws the done epochs' batches again, so that its shuffling and
+        # augmentation go on where the killed run's stopped: the same model as uninterrupted.
+        training = data.dataset(
+            x_train,
+            y_train,
+            batch_size,
+            training=True,
+            augment=augment,
+            seed=seed,
+            endless=True,
+            skip=initial_epoch * steps_per_epoch,
+        )
         # The logger has the backup save the stopper's state and the average, so it comes after them.
         callbacks = [callback for callback in (stopper, average, logger, backup) if callback is not None]
         model.fit(
-            data.dataset(
-                x_train, y_train, batch_size, training=True, augment=augment, seed=seed, endless=True
-            ),
-            steps_per_epoch=fitting.steps(len(x_train), batch_size),
+            training,
+            steps_per_epoch=steps_per_epoch,
             validation_data=validation,  # finite: see data.dataset
             epochs=epochs,
             initial_epoch=initial_epoch,

@@ -64,3 +64,18 @@ def test_the_same_seed_gives_the_same_augmented_batches():
     first = batches(seed=5)
     assert np.array_equal(first, batches(seed=5))
     assert not np.array_equal(first, batches(seed=6))
+
+
+def test_skipped_batches_are_drawn_so_the_next_ones_are_those_of_an_unbroken_stream():
+    # A continued training skips its done epochs' batches and must then get what it would have
+    # had uninterrupted: the same shuffle and the same augmentation draws, over epoch boundaries.
+    x, y = arrays(n=40)
+
+    def batches(skip):
+        stream = data.dataset(x, y, 8, training=True, augment=True, seed=5, endless=True, skip=skip)
+        return [(images.numpy(), labels.numpy()) for images, labels in stream.take(12 - skip)]
+
+    unbroken, continued = batches(skip=0), batches(skip=7)
+    assert len(continued) == 5
+    for (images, labels), (expected_images, expected_labels) in zip(continued, unbroken[7:], strict=True):
+        assert np.array_equal(images, expected_images) and np.array_equal(labels, expected_labels)

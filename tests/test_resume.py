@@ -98,6 +98,11 @@ def steps(run_id: str, key: str = "val_accuracy") -> list[int]:
     return sorted(metric.step for metric in mlflow.MlflowClient().get_metric_history(run_id, key))
 
 
+def values(run_id: str, key: str) -> list[float]:
+    history = mlflow.MlflowClient().get_metric_history(run_id, key)
+    return [metric.value for metric in sorted(history, key=lambda metric: metric.step)]
+
+
 def trial_processes(parent: int) -> list[int]:
     """The pids of pipeline.trial processes whose parent is `parent`."""
     found = []
@@ -128,7 +133,7 @@ TRAIN = ["--epochs", "4", "--min-epochs", "0", "--patience", "10", "--batch-size
 TRAIN += ["--precision", "float32", "--model-name", "resume-digits"]
 
 
-def test_train_interrupted_then_killed_continues_in_one_run_with_every_epoch_once(store):
+def test_train_interrupted_then_killed_continues_in_one_run_as_if_never_stopped(store):
     log = store / "train.log"
     # Ctrl-C once the first epoch is logged.
     process = stage("train", *TRAIN, log=log)
@@ -165,6 +170,12 @@ def test_train_interrupted_then_killed_continues_in_one_run_with_every_epoch_onc
     assert run.data.tags[config.MODEL_VERSION_TAG] == "1"
     assert not folder.exists()
     assert "continuing the unfinished train run" in log.read_text()
+    # The same training uninterrupted (a new run: that one finished) logs the same epochs: the
+    # continued processes drew the done epochs' batches again before going on.
+    finish(stage("train", *TRAIN, log=log), log)
+    uninterrupted = runs("train")[1].info.run_id
+    for key in ("loss", "val_loss"):
+        assert values(uninterrupted, key) == values(run_id, key), key
 
 
 # tune
