@@ -27,12 +27,15 @@ Variants, each in a fresh process:
 
 Each variant warms up first (tracing, oneDNN primitive creation), then times `--repeat`
 repetitions: an epoch of `--steps` steps for training, one call for inference. Prints median,
-range and peak RSS per variant and the ratios, and writes the table as JSON.
+range and peak RSS per variant and the ratios, and writes the table as JSON, with the machine
+(processor, cores, and which bfloat16 instructions it has: the served stages and the training
+step run on AMX where there is one, on AVX512-BF16 alone at a lower speed elsewhere).
 """
 
 import argparse
 import json
 import os
+import platform
 import shlex
 import shutil
 import statistics
@@ -55,6 +58,26 @@ PREDICT_VARIANTS = (
 # oneDNN reads it once per process: every convolution after that reuses the layout of its weights
 # from the first call. Right for a process that only serves; a process that trains must not have it.
 FROZEN_WEIGHTS_ENV = {"TF_ONEDNN_ASSUME_FROZEN_WEIGHTS": "1"}
+
+
+def machine() -> dict:
+    """The processor the figures come from: they differ between hosts (AMX or AVX512-BF16 alone
+    for the bfloat16 convolutions)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = fields.get("flags", "").split()
+    bfloat16 = [isa for isa in ("amx_bf16", "avx512_bf16") if isa in flags]
+    return {
+        "processor": fields.get("model name") or platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "bfloat16": "+".join(bfloat16) or "none",
+    }
 
 
 def peak_rss_mib() -> float:
@@ -313,7 +336,8 @@ def ratios(rows: dict[str, dict], batch_size: int) -> dict[str, float]:
     return {name: rate[a] / rate[b] for name, (a, b) in pairs.items() if a in rate and b in rate}
 
 
-def print_table(rows: dict[str, dict], found: dict[str, float]) -> None:
+def print_table(rows: dict[str, dict], found: dict[str, float], host: dict) -> None:
+    print(f"machine: {host['processor']}, {host['cores']} cores, bfloat16 in hardware: {host['bfloat16']}")
     print(f"{'variant':<32}{'images/s':>10}{'range':>18}{'peak RSS MiB':>14}{'shifted':>9}")
     for row in rows.values():
         spread = f"{row['min']:.1f}-{row['max']:.1f}"
@@ -326,13 +350,14 @@ def print_table(rows: dict[str, dict], found: dict[str, float]) -> None:
         print(f"{name:<56}{value:>6.2f}x")
 
 
-def log_to_mlflow(rows: dict[str, dict], found: dict[str, float], path: Path) -> None:
+def log_to_mlflow(rows: dict[str, dict], found: dict[str, float], host: dict, path: Path) -> None:
     import mlflow
 
     from pipeline import tracking
 
     tracking.configure()
     with mlflow.start_run(run_name="throughput-benchmark", tags={"pipeline.stage": "benchmark"}):
+        mlflow.log_params({f"machine.{key}": value for key, value in host.items()})
         for name, row in rows.items():
             mlflow.log_metrics(
                 {f"{name}.images_per_s": row["images_per_s"], f"{name}.peak_rss_mib": row["peak_rss_mib"]}
@@ -411,12 +436,14 @@ def run_parent(args) -> None:
         rows[variant] = measure(variant, args)
         print(f"  {variant}: {rows[variant]['images_per_s']:.1f} images/s", file=sys.stderr, flush=True)
     found = ratios(rows, batch)
-    print_table(rows, found)
+    host = machine()
+    print_table(rows, found, host)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": list(rows.values()), "ratios": found}, indent=1) + "\n")
+    table = {"machine": host, "rows": list(rows.values()), "ratios": found}
+    args.out.write_text(json.dumps(table, indent=1) + "\n")
     print(f"wrote {args.out}")
     if args.mlflow:
-        log_to_mlflow(rows, found, args.out)
+        log_to_mlflow(rows, found, host, args.out)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 folder of photos, the table it prints and the JSON it writes. No timing is asserted."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,8 +38,16 @@ def test_a_registered_model_is_timed_on_a_folder_of_photos(mlflow_store, tmp_pat
     options = ["--model", "models:/bench-model/1", "--photos", str(tmp_path / "photos"), "--out", str(out)]
     done = benchmark(*options, "--variants", *variants)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    table = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in table["rows"]}
     assert list(rows) == variants and all(row["images_per_s"] > 0 for row in rows.values())
+    # Figures differ between hosts: the table names the one they come from.
+    host = table["machine"]
+    assert host["processor"] and host["cores"] == os.cpu_count()
+    cpu_flags = Path("/proc/cpuinfo").read_text()
+    assert ("avx512_bf16" in host["bfloat16"]) == (" avx512_bf16" in cpu_flags)
+    assert ("amx_bf16" in host["bfloat16"]) == (" amx_bf16" in cpu_flags)
+    assert f"machine: {host['processor']}, {host['cores']} cores" in done.stdout
     # The first 64 photos by name (70 // 64 = every one); the unsure ones took the shifted copies.
     single = expected_probabilities(model, np.stack(photos[:64]), shift=0)
     unsure = np.mean(single.max(axis=1) < config.TEST_TIME_GATE)
