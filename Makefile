@@ -25,7 +25,12 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@# TensorFlow's wheel is 570 MB: a download cut short resumes, and a failed install is tried again.
+	for attempt in 1 2 3; do \
+	  $(BIN)/python -m pip install --quiet --resume-retries 20 -e ".[dev]" && break; \
+	  [ $$attempt -lt 3 ] || exit 1; \
+	  echo "pip install failed (attempt $$attempt of 3); trying again in 30 s" >&2; sleep 30; \
+	done
 	touch $@
 
 run: setup
