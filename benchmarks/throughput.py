@@ -405,6 +405,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from pipeline import config
 
+    if args.model and args.bfloat16_stages is not None:
+        parser.error("--bfloat16-stages: not with --model (a registered model serves the stages train chose)")
     if args.bfloat16_stages is None:
         args.bfloat16_stages = config.SERVING_BFLOAT16_CANDIDATES[0]
     if args.photos and not args.photos.exists():

@@ -87,6 +87,8 @@ def test_bad_options_are_refused_naming_them(mlflow_store, tmp_path):
     assert done.returncode == 2 and "--photos" in done.stderr and "no such folder or .zip" in done.stderr
     done = benchmark("--model", "models:/none/1", "--variants", "project-predict-single-float32")
     assert done.returncode != 0 and "not with --model" in done.stderr
+    done = benchmark("--model", "models:/none/1", "--bfloat16-stages", "3,4,5")
+    assert done.returncode == 2 and "--bfloat16-stages: not with --model" in done.stderr
     done = benchmark("--split", "test")
     assert done.returncode == 2 and "--split needs --model" in done.stderr
     done = benchmark("--model", "models:/none/1", "--split", "test")
