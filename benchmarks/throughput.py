@@ -296,8 +296,10 @@ def measure(variant: str, args) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
     env.update(FROZEN_WEIGHTS_ENV if variant.endswith("-frozen-weights") else {})
     options = ["--steps", str(args.steps), "--repeat", str(args.repeat)]
-    options += ["--bfloat16-stages", ",".join(map(str, args.bfloat16_stages))]
-    options += ["--model", args.model] if args.model else []
+    if args.model:
+        options += ["--model", args.model]
+    else:
+        options += ["--bfloat16-stages", ",".join(map(str, args.bfloat16_stages))]
     options += ["--photos", str(args.photos)] if args.photos else []
     done = subprocess.run(
         [sys.executable, __file__, "--child", variant, *options],
