@@ -35,7 +35,6 @@ step run on AMX where there is one, on AVX512-BF16 alone at a lower speed elsewh
 import argparse
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -58,26 +57,6 @@ PREDICT_VARIANTS = (
 # oneDNN reads it once per process: every convolution after that reuses the layout of its weights
 # from the first call. Right for a process that only serves; a process that trains must not have it.
 FROZEN_WEIGHTS_ENV = {"TF_ONEDNN_ASSUME_FROZEN_WEIGHTS": "1"}
-
-
-def machine() -> dict:
-    """The processor the figures come from: they differ between hosts (AMX or AVX512-BF16 alone
-    for the bfloat16 convolutions)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    fields = {}
-    for line in lines:
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    flags = fields.get("flags", "").split()
-    bfloat16 = [isa for isa in ("amx_bf16", "avx512_bf16") if isa in flags]
-    return {
-        "processor": fields.get("model name") or platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "bfloat16": "+".join(bfloat16) or "none",
-    }
 
 
 def peak_rss_mib() -> float:
@@ -339,7 +318,10 @@ def ratios(rows: dict[str, dict], batch_size: int) -> dict[str, float]:
 
 
 def print_table(rows: dict[str, dict], found: dict[str, float], host: dict) -> None:
-    print(f"machine: {host['processor']}, {host['cores']} cores, bfloat16 in hardware: {host['bfloat16']}")
+    print(
+        f"machine: {host['processor']}, {host['cores']} cores, bfloat16 in hardware: {host['bfloat16']}, "
+        f"TensorFlow threads: {host['threads']}"
+    )
     print(f"{'variant':<32}{'images/s':>10}{'range':>18}{'peak RSS MiB':>14}{'shifted':>9}")
     for row in rows.values():
         spread = f"{row['min']:.1f}-{row['max']:.1f}"
@@ -428,7 +410,7 @@ def main() -> None:
 
 def run_parent(args) -> None:
     """Measure every variant asked for, each in its own process; print, write and log the table."""
-    from pipeline import config
+    from pipeline import config, tracking
 
     batch = config.BATCH_SIZE
     variants = sorted({"reference-train-b32", f"reference-train-b{batch}", "project-train-b32"})
@@ -440,7 +422,7 @@ def run_parent(args) -> None:
         rows[variant] = measure(variant, args)
         print(f"  {variant}: {rows[variant]['images_per_s']:.1f} images/s", file=sys.stderr, flush=True)
     found = ratios(rows, batch)
-    host = machine()
+    host = tracking.machine()
     print_table(rows, found, host)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table = {"machine": host, "rows": list(rows.values()), "ratios": found}

@@ -21,13 +21,7 @@ log = logging.getLogger(__name__)
 
 def bf16_is_native() -> bool:
     """Whether this machine computes bfloat16 in hardware (AVX512-BF16/AMX, or a GPU)."""
-    if tf.config.list_physical_devices("GPU"):
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return bool(tf.config.list_physical_devices("GPU")) or tracking.machine()["bfloat16"] != "none"
 
 
 def set_precision(precision: str = config.PRECISION) -> str:

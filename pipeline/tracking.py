@@ -3,6 +3,7 @@
 import contextlib
 import logging
 import os
+import platform
 import socket
 import subprocess
 import tempfile
@@ -84,9 +85,43 @@ def code_version() -> dict[str, str]:
     return {config.COMMIT_TAG: commit, config.DIRTY_TAG: str(bool(dirty)).lower()}
 
 
+def machine() -> dict[str, Any]:
+    """The processor this process runs on (its name, cores and bfloat16 instructions) and how many
+    threads TensorFlow runs each op on: $TF_NUM_INTRAOP_THREADS, else one per core it may use."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    fields: dict[str, str] = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = fields.get("flags", "").split()
+    bfloat16 = [isa for isa in ("amx_bf16", "avx512_bf16") if isa in flags]
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = os.environ.get("TF_NUM_INTRAOP_THREADS", "").strip()
+    return {
+        "processor": fields.get("model name") or platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "bfloat16": "+".join(bfloat16) or "none",
+        "threads": int(threads) if threads.isdigit() and int(threads) > 0 else usable,
+    }
+
+
+def machine_tags() -> dict[str, str]:
+    """The tags naming the machine a run's figures come from (see `machine`)."""
+    host = machine()
+    return {
+        config.PROCESSOR_TAG: host["processor"],
+        config.BFLOAT16_TAG: host["bfloat16"],
+        config.THREADS_TAG: str(host["threads"]),
+    }
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: Mapping[str, Any], run_id: str | None = None) -> Iterator[Run]:
-    """Open the MLflow run of one stage, tagged with the stage, the code version and the process.
+    """Open the MLflow run of one stage, tagged with the stage, the code version, the process and
+    the machine.
 
     Under `mlflow run` this resumes the run MLflow created for the entry point;
     otherwise it continues `run_id` when given (an unfinished run of the same stage in
@@ -109,7 +144,9 @@ def stage_run(stage: str, params: Mapping[str, Any], run_id: str | None = None) 
             f"{config.tracking_uri()} did not start the {stage} run: {error.message}"
         ) from None
     try:
-        mlflow.set_tags({config.STAGE_TAG: stage, **code_version(), config.PROCESS_TAG: process_id()})
+        mlflow.set_tags(
+            {config.STAGE_TAG: stage, **code_version(), config.PROCESS_TAG: process_id(), **machine_tags()}
+        )
         end_dead_runs(run.info.experiment_id)
         log_new_params(run, params)
         yield run

@@ -245,6 +245,7 @@ class MlflowTrials:
                 TUNER_ID_TAG: self.tuner_id,
                 PROJECT_TAG: self.project_name,
                 config.PROCESS_TAG: tracking.process_id(),
+                **tracking.machine_tags(),
             },
         )
         self.trial_runs[trial.trial_id] = self._open_run = run.info.run_id

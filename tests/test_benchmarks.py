@@ -47,7 +47,9 @@ def test_a_registered_model_is_timed_on_a_folder_of_photos(mlflow_store, tmp_pat
     cpu_flags = Path("/proc/cpuinfo").read_text()
     assert ("avx512_bf16" in host["bfloat16"]) == (" avx512_bf16" in cpu_flags)
     assert ("amx_bf16" in host["bfloat16"]) == (" amx_bf16" in cpu_flags)
+    assert host["threads"] == len(os.sched_getaffinity(0))
     assert f"machine: {host['processor']}, {host['cores']} cores" in done.stdout
+    assert f"TensorFlow threads: {host['threads']}" in done.stdout
     # The first 64 photos by name (70 // 64 = every one); the unsure ones took the shifted copies.
     single = expected_probabilities(model, np.stack(photos[:64]), shift=0)
     unsure = np.mean(single.max(axis=1) < config.TEST_TIME_GATE)

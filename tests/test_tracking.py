@@ -1,5 +1,6 @@
 """Stage runs: tags, statuses, params, and upstream look-ups on a real SQLite store."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,24 @@ def test_stage_run_tags_stage_and_code_version(mlflow_store):
     assert stored.data.tags[config.DIRTY_TAG] in ("true", "false", "unknown")
     assert stored.data.params == {"seed": "1"}
     assert mlflow.get_experiment(stored.info.experiment_id).name == "tests"
+
+
+def test_stage_runs_name_the_processor_and_tensorflow_threads(mlflow_store, monkeypatch):
+    # A seed repeats a training only on the same processor with as many TensorFlow threads.
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    flags = set(next(line for line in lines if line.startswith("flags")).split())
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "1")
+    with tracking_run("ingest", {}) as run:
+        pinned = run.info.run_id
+    monkeypatch.delenv("TF_NUM_INTRAOP_THREADS")
+    with tracking_run("ingest", {}) as run:
+        default = run.info.run_id
+    tags = mlflow.get_run(pinned).data.tags
+    assert tags[config.PROCESSOR_TAG] == name
+    assert set(tags[config.BFLOAT16_TAG].split("+")) == ({"amx_bf16", "avx512_bf16"} & flags or {"none"})
+    assert tags[config.THREADS_TAG] == "1"
+    assert mlflow.get_run(default).data.tags[config.THREADS_TAG] == str(len(os.sched_getaffinity(0)))
 
 
 def tracking_run(stage, params):

@@ -269,6 +269,8 @@ def test_search_logs_a_parent_run_and_one_child_run_per_trial(onehot_run, eager,
         assert run.info.status == "FINISHED"
         assert run.data.tags[config.STAGE_TAG] == "tune-trial"
         assert run.data.tags[tune.TRIAL_ID_TAG] in {"0", "1"}
+        for machine_tag in (config.PROCESSOR_TAG, config.BFLOAT16_TAG, config.THREADS_TAG):
+            assert run.data.tags[machine_tag] == parent.data.tags[machine_tag]
         assert float(run.data.params["learning_rate"]) > 0
         assert int(run.data.params["batch_size"]) in config.BATCH_SIZES
         assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == EPOCHS
