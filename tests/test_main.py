@@ -81,6 +81,8 @@ def test_main_runs_every_stage_and_the_champion_loads(tmp_path, real_archive):
         assert runs[stage].info.status == "FINISHED", stage
         assert runs[stage].data.tags["mlflow.parentRunId"] == parent
         assert runs["main"].data.tags[f"pipeline.{stage}_run_id"] == runs[stage].info.run_id
+        assert runs[stage].data.tags[config.THREADS_TAG] == str(len(os.sched_getaffinity(0))), stage
+        assert runs[stage].data.tags[config.PROCESSOR_TAG], stage
     assert runs["onehot"].data.params["ingest_run_id"] == runs["ingest"].info.run_id
     # 4 photos a digit, less one left out of training where the slice holds it in its training
     # split (2/IMG_5176.JPG in the shared copy; config.CONTRADICTED_LABELS).
