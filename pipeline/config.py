@@ -65,7 +65,7 @@ COMMIT_TAG = "pipeline.git_commit"
 DIRTY_TAG = "pipeline.git_dirty"
 # The machine a stage or trial ran on: a seed repeats a training only on the same processor with
 # the same number of TensorFlow threads (README, "train": 1 thread instead of 2 gave other weights).
-PROCESSOR_TAG = "pipeline.processor"  # the model name in /proc/cpuinfo
+PROCESSOR_TAG = "pipeline.processor"  # /proc/cpuinfo: model name, cpu family and model
 BFLOAT16_TAG = "pipeline.bfloat16_instructions"  # "amx_bf16+avx512_bf16", "avx512_bf16" or "none"
 THREADS_TAG = "pipeline.tensorflow_threads"  # TensorFlow's threads within an op
 # Tags that link a run to the runs and model it came from or produced.

@@ -101,11 +101,19 @@ def machine() -> dict[str, Any]:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = os.environ.get("TF_NUM_INTRAOP_THREADS", "").strip()
     return {
-        "processor": fields.get("model name") or platform.processor() or platform.machine(),
+        "processor": processor_name(fields),
         "cores": os.cpu_count(),
         "bfloat16": "+".join(bfloat16) or "none",
         "threads": int(threads) if threads.isdigit() and int(threads) > 0 else usable,
     }
+
+
+def processor_name(cpuinfo: Mapping[str, str]) -> str:
+    """The model name in /proc/cpuinfo with its family and model numbers: a virtual machine's
+    name ("Intel(R) Xeon(R) Processor") says nothing of the generation behind it."""
+    name = cpuinfo.get("model name") or platform.processor() or platform.machine()
+    numbers = [f"{key} {cpuinfo[key]}" for key in ("cpu family", "model") if cpuinfo.get(key)]
+    return f"{name} ({', '.join(numbers)})" if numbers else name
 
 
 def machine_tags() -> dict[str, str]:

@@ -27,7 +27,9 @@ def test_stage_run_tags_stage_and_code_version(mlflow_store):
 def test_stage_runs_name_the_processor_and_tensorflow_threads(mlflow_store, monkeypatch):
     # A seed repeats a training only on the same processor with as many TensorFlow threads.
     lines = Path("/proc/cpuinfo").read_text().splitlines()
-    name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    fields = dict(line.split(":", 1) for line in lines[: lines.index("")] if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    name = f"{fields['model name']} (cpu family {fields['cpu family']}, model {fields['model']})"
     flags = set(next(line for line in lines if line.startswith("flags")).split())
     monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "1")
     with tracking_run("ingest", {}) as run:
@@ -40,6 +42,13 @@ def test_stage_runs_name_the_processor_and_tensorflow_threads(mlflow_store, monk
     assert set(tags[config.BFLOAT16_TAG].split("+")) == ({"amx_bf16", "avx512_bf16"} & flags or {"none"})
     assert tags[config.THREADS_TAG] == "1"
     assert mlflow.get_run(default).data.tags[config.THREADS_TAG] == str(len(os.sched_getaffinity(0)))
+
+
+def test_processor_name_carries_family_and_model_numbers():
+    # Virtual machines show a generic name for processors of different generations.
+    generic = {"model name": "AMD EPYC Processor", "cpu family": "25", "model": "17"}
+    assert tracking.processor_name(generic) == "AMD EPYC Processor (cpu family 25, model 17)"
+    assert tracking.processor_name({"model name": "Apple M2"}) == "Apple M2"
 
 
 def tracking_run(stage, params):
