@@ -21,9 +21,7 @@ Variants, each in a fresh process:
   it ingested) measures a trained model on real photos instead;
 - project-predict-single: the same with `test_time_augmentation` off (one forward pass a photo);
 - project-predict-single-float32: that, all in float32 (what train serves when no candidate passes;
-  not with `--model`);
-- project-predict-frozen-weights: project-predict in a process started with
-  TF_ONEDNN_ASSUME_FROZEN_WEIGHTS=1, as README's serving command starts `mlflow models serve`.
+  not with `--model`).
 
 Each variant warms up first (tracing, oneDNN primitive creation), then times `--repeat`
 repetitions: an epoch of `--steps` steps for training, one call for inference. Prints median,
@@ -52,11 +50,7 @@ PREDICT_VARIANTS = (
     "project-predict",
     "project-predict-single",
     "project-predict-single-float32",
-    "project-predict-frozen-weights",
 )
-# oneDNN reads it once per process: every convolution after that reuses the layout of its weights
-# from the first call. Right for a process that only serves; a process that trains must not have it.
-FROZEN_WEIGHTS_ENV = {"TF_ONEDNN_ASSUME_FROZEN_WEIGHTS": "1"}
 
 
 def peak_rss_mib() -> float:
@@ -273,7 +267,6 @@ def run_child(variant: str, args) -> dict:
 def measure(variant: str, args) -> dict:
     """Run one variant in a fresh interpreter and return its figures."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
-    env.update(FROZEN_WEIGHTS_ENV if variant.endswith("-frozen-weights") else {})
     options = ["--steps", str(args.steps), "--repeat", str(args.repeat)]
     if args.model:
         options += ["--model", args.model]
@@ -305,10 +298,6 @@ def ratios(rows: dict[str, dict], batch_size: int) -> dict[str, float]:
         ),
         "predict: project pyfunc / reference predict": ("project-predict", "reference-predict"),
         "predict: project pyfunc, one view / reference": ("project-predict-single", "reference-predict"),
-        "predict: project pyfunc, frozen weights / reference": (
-            "project-predict-frozen-weights",
-            "reference-predict",
-        ),
         "predict: project pyfunc, one view, float32 / reference": (
             "project-predict-single-float32",
             "reference-predict",
@@ -415,7 +404,6 @@ def run_parent(args) -> None:
     batch = config.BATCH_SIZE
     variants = sorted({"reference-train-b32", f"reference-train-b{batch}", "project-train-b32"})
     variants += [f"project-train-b{batch}", "reference-predict", "project-predict", "project-predict-single"]
-    variants += ["project-predict-frozen-weights"]
     variants += [] if args.model else ["project-predict-single-float32"]
     rows = {}
     for variant in dict.fromkeys(args.variants or variants):

@@ -186,23 +186,6 @@ def stage(layer_name: str) -> int:
     return 1 if layer_name.startswith(("conv1", "bn_conv1", "pool1")) else 0
 
 
-def with_bfloat16_stages(model: keras.Model, stages) -> keras.Model:
-    """A copy of a folded `model` (from `build_resnet50`, for inference) whose layers in `stages`
-    compute in bfloat16 (AMX on CPUs that have it), their weights stored in bfloat16 too; the others
-    keep their dtype policy. Same weights, rounded to bfloat16 in those stages: the answers of
-    mixed_bfloat16, without casting every weight of the stages on every call (stages 4-5 on 64
-    photos: 117 ms a batch against 126)."""
-    stages = set(stages)
-    model_config = model.get_config()
-    policy = keras.dtype_policies.serialize(keras.DTypePolicy("bfloat16"))
-    for layer in model_config["layers"]:
-        if stage(layer["config"]["name"]) in stages:
-            layer["config"]["dtype"] = policy
-    copy = keras.Model.from_config(model_config)
-    copy.set_weights(model.get_weights())
-    return copy
-
-
 def fold_batch_norm(model: keras.Model) -> keras.Model:
     """The same function as a trained `model` from `build_resnet50`, for inference only: each
     batch norm's moving statistics and scale folded into the convolution before it.

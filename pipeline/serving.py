@@ -29,9 +29,10 @@ answer every photo alone (`choose_test_time_shift`). `model.predict(photos,
 params={"test_time_augmentation": False})` gives the network's answer on every
 photo alone.
 
-HTTP, `mlflow models serve -m models:/sign-digits-resnet50@champion` (started with
-TF_ONEDNN_ASSUME_FROZEN_WEIGHTS=1 it answers faster, the same; never in a process that trains,
-README "Using the champion"): POST /invocations with `Content-Type: application/json` and one of
+The network runs on OpenVINO (`ServedNetwork`), compiled once when the model loads.
+
+HTTP, `mlflow models serve -m models:/sign-digits-resnet50@champion`: POST /invocations with
+`Content-Type: application/json` and one of
 
     {"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ["<base64>"]]}}
     {"dataframe_records": [{"image": "<base64>"}, {"image": [[[0, 0, 0], ...], ...]}]}
@@ -58,6 +59,7 @@ import io
 import logging
 import re
 import tempfile
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
@@ -65,6 +67,7 @@ from typing import NamedTuple
 import keras
 import mlflow
 import numpy as np
+import openvino
 import pandas as pd
 import tensorflow as tf
 from mlflow.exceptions import MlflowException
@@ -89,7 +92,7 @@ TEST_TIME_AUGMENTATION = "test_time_augmentation"  # the predict parameter
 CROSS_ENTROPY_EPSILON = 1e-7  # Keras' clip for cross-entropy
 PACKAGE_DIR = Path(__file__).resolve().parent
 # What loading the served model imports; pinned to the versions it was logged with.
-SERVING_PACKAGES = ("mlflow", "tensorflow", "keras", "numpy", "pandas", "pillow")
+SERVING_PACKAGES = ("mlflow", "tensorflow", "keras", "openvino", "numpy", "pandas", "pillow")
 
 _LOW_PRECISION = {"mixed_bfloat16", "mixed_float16", "bfloat16", "float16"}
 _DATA_URL = re.compile(r"data:[\w.+-]*/?[\w.+-]*(;[\w.+-]+=[\w.+-]+)*;base64,", re.IGNORECASE)
@@ -114,17 +117,16 @@ class SignDigitsModel(mlflow.pyfunc.PythonModel):
         stages = tuple((context.model_config or {}).get(BFLOAT16_STAGES_KEY, ()))
         self.bfloat16_stages = stages if stages and fitting.bf16_is_native() else ()
         trained = keras.saving.load_model(self.keras_file, compile=False)
-        self.model = inference_model(trained, self.bfloat16_stages)
-        _, height, width, channels = self.model.input_shape
+        _, height, width, channels = trained.input_shape
         if height != width or channels != 3:
-            raise PipelineError(f"the served model needs square RGB input; got {self.model.input_shape}")
+            raise PipelineError(f"the served model needs square RGB input; got {trained.input_shape}")
         self.image_size = int(height)
-        self.num_classes = int(self.model.output_shape[-1])
+        self.num_classes = int(trained.output_shape[-1])
         # Models logged before test-time augmentation have no model_config: they answer as before,
         # and those logged before its gate shift every photo (gate None).
         self.test_time_shift = int((context.model_config or {}).get(TEST_TIME_SHIFT_KEY, 0))
         self.test_time_gate = (context.model_config or {}).get(TEST_TIME_GATE_KEY)
-        self.network = compiled(self.model)
+        self.network = ServedNetwork(inference_model(trained), self.bfloat16_stages)
         log.info(
             "loaded a %dx%d model with %d classes; test-time shift %d pixels below confidence %s; "
             "bfloat16 stages %s",
@@ -197,32 +199,87 @@ def mean_over_views(predict, pixels: np.ndarray, shift: int, gate: float | None 
     return probabilities
 
 
-def inference_model(model: keras.Model, bfloat16_stages=()) -> keras.Model:
-    """The model to serve: a ResNet-50's batch norms folded into its convolutions, computed in
-    float32 but for the stages in `bfloat16_stages` (mixed_bfloat16); other models as they are."""
+def inference_model(model: keras.Model) -> keras.Model:
+    """The float32 model to serve: a ResNet-50's batch norms folded into its convolutions; other
+    models as they are."""
     if not any(layer.name == "bn_conv1" for layer in model.layers):
         return model
     policy = keras.mixed_precision.global_policy()
     try:
         keras.mixed_precision.set_global_policy("float32")
-        folded = resnet.fold_batch_norm(model)
+        return resnet.fold_batch_norm(model)
     finally:
         keras.mixed_precision.set_global_policy(policy)
-    return resnet.with_bfloat16_stages(folded, bfloat16_stages) if bfloat16_stages else folded
+
+
+class ServedNetwork:
+    """A float32 Keras `network`'s probabilities for a float32 batch of pixels, compiled once by
+    OpenVINO for any batch size: in float32, but for the ResNet stages `bfloat16_stages` (a run of
+    consecutive stages of `inference_model`'s ResNet-50), cut out and compiled in bfloat16.
+
+    OpenVINO, not TensorFlow: its CPU kernels keep each convolution's weights laid out once, which
+    TensorFlow's redo on every call (benchmarks/README.md). The weights are copied: later changes to
+    `network` do not reach it. One call at a time: an infer request is not thread-safe, and one call
+    already uses every core."""
+
+    def __init__(self, network: keras.Model, bfloat16_stages=()):
+        core = openvino.Core()
+        self.precisions = []  # "f32" or "bf16", part by part
+        self.models = []  # the compiled parts, in order
+        for part, precision in precision_parts(network, bfloat16_stages):
+            graph = openvino.convert_model(compiled(part), input=[(-1, *part.input_shape[1:])])
+            hints = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+            self.models.append(core.compile_model(graph, "CPU", hints))
+            self.precisions.append(precision)
+        self._requests = [model.create_infer_request() for model in self.models]
+        self._lock = threading.Lock()
+
+    def __call__(self, pixels) -> np.ndarray:
+        with self._lock:
+            values = np.asarray(pixels, dtype=np.float32)
+            for request in self._requests:
+                values = request.infer([values])[0]
+            return np.array(values)  # a copy: the request writes its next answer over its output
+
+    def runtime_precisions(self) -> list[set[str]]:
+        """The precisions OpenVINO computes each part's convolutions in, part by part."""
+        return [
+            {
+                node.get_rt_info()["runtimePrecision"].astype(str)
+                for node in model.get_runtime_model().get_ops()
+                if node.get_rt_info()["layerType"].astype(str) == "Convolution"
+            }
+            for model in self.models
+        ]
+
+
+def precision_parts(network: keras.Model, bfloat16_stages=()) -> list[tuple[keras.Model, str]]:
+    """`network` as consecutive sub-models with the precision each computes in: the whole in "f32"
+    without `bfloat16_stages`; else cut where those stages begin and end, the middle in "bf16".
+    ValueError for stages with a gap between them."""
+    stages = sorted(set(bfloat16_stages))
+    if stages and stages != list(range(stages[0], stages[-1] + 1)):
+        raise ValueError(f"bfloat16 stages must follow each other, like 3,4,5; got {stages}")
+    inside = [index for index, layer in enumerate(network.layers) if resnet.stage(layer.name) in stages]
+    if not inside:
+        return [(network, "f32")]
+    start, end = network.layers[inside[0] - 1].output, network.layers[inside[-1]].output
+    cuts = [(network.input, start, "f32"), (start, end, "bf16"), (end, network.output, "f32")]
+    return [(keras.Model(first, last), precision) for first, last, precision in cuts]
 
 
 def choose_bfloat16_stages(model: keras.Model, photos: np.ndarray) -> tuple[tuple[int, ...], float]:
     """The first of config.SERVING_BFLOAT16_CANDIDATES (fastest first) whose served network, on
-    `photos` (uint8, the model's input size: the validation split), gives the float32 network's
-    digits and probabilities within config.SERVING_MAX_PROBABILITY_GAP of it, with that largest
-    gap; ((), 0.0) when none does or the model is not a ResNet-50 (served in float32)."""
+    `photos` (uint8, the model's input size: the validation split), gives the float32 Keras
+    network's digits and probabilities within config.SERVING_MAX_PROBABILITY_GAP of it, with that
+    largest gap; ((), 0.0) when none does or the model is not a ResNet-50 (served in float32)."""
     float32 = inference_model(model)
     if float32 is model:
         return (), 0.0
     expected = forward(float32, photos)
     chosen = (), 0.0
     for stages in config.SERVING_BFLOAT16_CANDIDATES:
-        answers = forward(resnet.with_bfloat16_stages(float32, stages), photos)
+        answers = in_chunks(ServedNetwork(float32, stages), photos)
         gap = float(np.abs(answers - expected).max())
         same_digits = np.array_equal(answers.argmax(axis=1), expected.argmax(axis=1))
         log.info(
@@ -262,15 +319,15 @@ def choose_test_time_shift(
     way decided a default run's served model against the shifts (validation 1 -> 2 wrong, loss
     0.117 -> 0.114), which then got 6 test photos wrong alone against 2 shifted (README, "Measured here")."""
     labels = labels.argmax(axis=1) if labels.ndim == 2 else labels
-    scores = view_scores(inference_model(model, bfloat16_stages), photos, labels)
+    scores = view_scores(ServedNetwork(inference_model(model), bfloat16_stages), photos, labels)
     gc.collect()  # Keras models hold reference cycles: free the copy before train logs the model
     serve = scores.loss_shifted < scores.loss_single if mode == "auto" else mode == "on"
     return (config.TEST_TIME_SHIFT if serve else 0), scores
 
 
-def view_scores(network: keras.Model, photos: np.ndarray, labels: np.ndarray) -> ViewScores:
-    """`network`'s ViewScores on `photos` with their digits `labels`."""
-    single = compiled(network)
+def view_scores(single, photos: np.ndarray, labels: np.ndarray) -> ViewScores:
+    """The ViewScores of `single` (a float32 batch in, probabilities out) on `photos` with their
+    digits `labels`."""
 
     def shifted(pixels):
         return mean_over_views(single, pixels, config.TEST_TIME_SHIFT, config.TEST_TIME_GATE)
@@ -295,8 +352,7 @@ def compiled(network: keras.Model):
 
 
 def forward(model: keras.Model, photos: np.ndarray) -> np.ndarray:
-    """`model`'s probabilities for uint8 photos, traced as the served model traces it (graph mode
-    fuses ops, which changes bfloat16 rounding)."""
+    """The Keras `model`'s own probabilities for uint8 photos, computed by TensorFlow."""
     return in_chunks(compiled(model), photos)
 
 

@@ -73,7 +73,6 @@ def server(store):
         "MLFLOW_TRACKING_URI": uri,
         "TMPDIR": str(root),
         "TF_CPP_MIN_LOG_LEVEL": "2",
-        "TF_ONEDNN_ASSUME_FROZEN_WEIGHTS": "1",  # as README's serve command: the answers must not change
         # the serve command starts `uvicorn` from PATH: use this interpreter's
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }

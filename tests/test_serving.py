@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -242,10 +243,22 @@ def test_batch_is_chunked_in_order(python_model):
     pd.testing.assert_frame_equal(together.iloc[picked].reset_index(drop=True), one_by_one, atol=1e-6)
 
 
-def test_the_network_is_traced_once_for_every_batch_size(python_model):
+def test_the_network_is_compiled_once_for_every_batch_size(python_model):
+    compiled = list(python_model.network.models)
     for count in (1, 5, 2 * config.PREDICT_CHUNK_SIZE + 3):
         python_model.predict(None, [pixels((64, 64, 3), seed) for seed in range(count)])
-    assert python_model.network.experimental_get_tracing_count() == 1
+    assert python_model.network.models == compiled
+    assert all(model.input().get_partial_shape()[0].is_dynamic for model in compiled)
+
+
+def test_requests_from_several_threads_get_the_answers_of_one_at_a_time(python_model):
+    batches = [[pixels((64, 64, 3), 10 * thread + seed) for seed in range(9)] for thread in range(4)]
+    alone = [python_model.predict(None, batch) for batch in batches]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            together = list(pool.map(lambda batch: python_model.predict(None, batch), batches))
+            for expected, got in zip(alone, together, strict=True):
+                pd.testing.assert_frame_equal(got, expected)
 
 
 # test-time augmentation
@@ -561,9 +574,11 @@ def test_a_bf16_resnet50_is_stored_in_float32_and_served_folded_agreeing_with_it
     served = mlflow.pyfunc.load_model(f"models:/resnet/{info.registered_model_version}")
     stored = keras.saving.load_model(folder / "artifacts" / serving.KERAS_FILE, compile=False)
     assert {layer.dtype_policy.name for layer in stored.layers} == {"float32"}
-    loaded = served.unwrap_python_model().model
-    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in loaded.layers)
-    assert {weight.dtype for weight in loaded.weights} == {"float32"}
+    network = served.unwrap_python_model().network
+    assert network.precisions == ["f32"]  # logged without bfloat16 stages
+    assert network.runtime_precisions() == [{"f32"}]
+    folded = network.models[0].get_runtime_model().get_ops()
+    assert len([op for op in folded if op.get_rt_info()["layerType"].astype(str) == "Convolution"]) == 53
     photos = [pixels((64, 64, 3), seed) for seed in range(6)]
     served_probabilities = served.predict(pd.DataFrame({"image": photos}))[PROBABILITIES].to_numpy()
     bf16_probabilities = expected_probabilities(model, serving.build_batch(photos))
@@ -589,6 +604,11 @@ def test_a_bf16_resnet50_is_stored_in_float32_and_served_folded_agreeing_with_it
     assert answer.stdout.split()[-1] in tuple("0123456789")  # one digit, not a substring
 
 
+def named(layer) -> bool:
+    """A layer with weights or a block's output: what a cut between stages starts or ends at."""
+    return bool(layer.weights) or layer.name.endswith("_out")
+
+
 @pytest.mark.slow
 def test_the_served_network_runs_the_fastest_bfloat16_stages_that_stay_close_to_float32(
     mlflow_store, monkeypatch
@@ -604,7 +624,7 @@ def test_the_served_network_runs_the_fastest_bfloat16_stages_that_stay_close_to_
     float32 = serving.inference_model(model)
     expected = serving.forward(float32, photos)
     gaps = {
-        stages: np.abs(serving.forward(resnet.with_bfloat16_stages(float32, stages), photos) - expected).max()
+        stages: np.abs(serving.in_chunks(serving.ServedNetwork(float32, stages), photos) - expected).max()
         for stages in config.SERVING_BFLOAT16_CANDIDATES
     }
     assert min(gaps.values()) > 0
@@ -627,9 +647,25 @@ def test_the_served_network_runs_the_fastest_bfloat16_stages_that_stay_close_to_
     if not fitting.bf16_is_native():  # served in float32 here
         stages = ()
     assert served.unwrap_python_model().bfloat16_stages == stages
-    network = served.unwrap_python_model().model
-    computed = {layer.name: layer.dtype_policy.compute_dtype for layer in network.layers}
-    assert computed == {name: "bfloat16" if resnet.stage(name) in stages else "float32" for name in computed}
+    parts = serving.precision_parts(float32, (4, 5))
+    names = [
+        [layer.name for layer in part.layers if layer.weights or layer.name.endswith("_out")]
+        for part, _ in parts
+    ]
+    assert [precision for _, precision in parts] == ["f32", "bf16", "f32"]
+    assert (names[0][0], names[0][-1], names[1][0], names[1][-1], names[2]) == (
+        "conv1",
+        "res3d_out",
+        "res4a_branch2a",
+        "res5c_out",
+        ["fc"],
+    )
+    network = served.unwrap_python_model().network
+    if stages:
+        assert network.precisions == ["f32", "bf16", "f32"]
+        assert network.runtime_precisions() == [{"f32"}, {"bf16"}, set()]  # the last: pooling, fc
+    else:
+        assert network.precisions == ["f32"]
     answers = served.predict(pd.DataFrame({"image": list(photos)}), {"test_time_augmentation": False})
     np.testing.assert_allclose(answers[PROBABILITIES].to_numpy(), expected, atol=gaps.get(stages, 0) + 1e-6)
     np.testing.assert_array_equal(answers["digit"].to_numpy(), expected.argmax(axis=1))
