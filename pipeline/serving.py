@@ -189,11 +189,12 @@ def unsure_photos(confidence: np.ndarray, shift: int, gate: float | None) -> np.
 
 def mean_over_views(predict, pixels: np.ndarray, shift: int, gate: float | None = None) -> np.ndarray:
     """`predict` (a float32 batch in, probabilities out) on `pixels`, as float64; for the photos
-    `unsure_photos` picks, the mean over the photo and its `shifted_copies` (one more call)."""
+    `unsure_photos` picks, the mean over the photo and its `shifted_copies` (more calls, of at most
+    config.PREDICT_CHUNK_SIZE copies: 256 at once took about 500 MiB more in a probe)."""
     probabilities = np.asarray(predict(pixels), dtype=np.float64)
     unsure = unsure_photos(probabilities.max(axis=1), shift, gate)
     if unsure.any():
-        copies = np.asarray(predict(shifted_copies(pixels[unsure], shift)), dtype=np.float64)
+        copies = in_chunks(predict, shifted_copies(pixels[unsure], shift))
         by_copy = copies.reshape(4, int(unsure.sum()), -1)
         probabilities[unsure] = (probabilities[unsure] + by_copy.sum(axis=0)) / 5
     return probabilities
@@ -272,9 +273,13 @@ def choose_bfloat16_stages(model: keras.Model, photos: np.ndarray) -> tuple[tupl
     """The first of config.SERVING_BFLOAT16_CANDIDATES (fastest first) whose served network, on
     `photos` (uint8, the model's input size: the validation split), gives the float32 Keras
     network's digits and probabilities within config.SERVING_MAX_PROBABILITY_GAP of it, with that
-    largest gap; ((), 0.0) when none does or the model is not a ResNet-50 (served in float32)."""
+    largest gap; ((), 0.0) when none does, the model is not a ResNet-50 or this processor computes
+    no bfloat16 natively (OpenVINO would compute float32 instead, and the gaps measured would hold
+    nothing for a machine that has it: served in float32 everywhere)."""
+    from pipeline import fitting
+
     float32 = inference_model(model)
-    if float32 is model:
+    if float32 is model or not fitting.bf16_is_native():
         return (), 0.0
     expected = forward(float32, photos)
     chosen = (), 0.0

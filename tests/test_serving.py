@@ -290,6 +290,19 @@ def test_unsure_photos_average_five_shifted_views_unless_a_request_turns_it_off(
     )
 
 
+def test_the_shifted_copies_go_to_the_network_a_chunk_at_a_time():
+    sizes = []
+
+    def unsure_of_everything(batch):
+        sizes.append(len(batch))
+        return np.full((len(batch), config.NUM_CLASSES), 1 / config.NUM_CLASSES)
+
+    photos = np.zeros((config.PREDICT_CHUNK_SIZE, 8, 8, 3), np.uint8)
+    probabilities = serving.mean_over_views(unsure_of_everything, photos, shift=1, gate=0.8)
+    assert sizes == [config.PREDICT_CHUNK_SIZE] * 5  # the photos, then their four shifted copies
+    np.testing.assert_allclose(probabilities, 1 / config.NUM_CLASSES)
+
+
 def test_the_shift_is_served_only_when_it_lowers_the_validation_loss():
     model = shift_sensitive_classifier()
     photos = np.stack([pixels((64, 64, 3), seed) for seed in range(6)])
@@ -622,6 +635,11 @@ def test_the_served_network_runs_the_fastest_bfloat16_stages_that_stay_close_to_
     model.get_layer("fc").set_weights([spread.astype(np.float32), bias])  # answers far from uniform
     photos = np.stack([pixels((32, 32, 3), seed) for seed in range(8)])
     float32 = serving.inference_model(model)
+    with pytest.raises(ValueError, match="follow each other"):
+        serving.precision_parts(float32, (3, 5))
+    if not fitting.bf16_is_native():  # no bfloat16 to measure here: served in float32
+        assert serving.choose_bfloat16_stages(model, photos) == ((), 0.0)
+        return
     expected = serving.forward(float32, photos)
     gaps = {
         stages: np.abs(serving.in_chunks(serving.ServedNetwork(float32, stages), photos) - expected).max()
@@ -644,14 +662,9 @@ def test_the_served_network_runs_the_fastest_bfloat16_stages_that_stay_close_to_
         info = serving.log_model(model, registered_model_name=None, bfloat16_stages=stages)
     served = mlflow.pyfunc.load_model(info.model_uri)
     assert served.model_config[serving.BFLOAT16_STAGES_KEY] == list(stages)
-    if not fitting.bf16_is_native():  # served in float32 here
-        stages = ()
     assert served.unwrap_python_model().bfloat16_stages == stages
     parts = serving.precision_parts(float32, (4, 5))
-    names = [
-        [layer.name for layer in part.layers if layer.weights or layer.name.endswith("_out")]
-        for part, _ in parts
-    ]
+    names = [[layer.name for layer in part.layers if named(layer)] for part, _ in parts]
     assert [precision for _, precision in parts] == ["f32", "bf16", "f32"]
     assert (names[0][0], names[0][-1], names[1][0], names[1][-1], names[2]) == (
         "conv1",
@@ -661,11 +674,8 @@ def test_the_served_network_runs_the_fastest_bfloat16_stages_that_stay_close_to_
         ["fc"],
     )
     network = served.unwrap_python_model().network
-    if stages:
-        assert network.precisions == ["f32", "bf16", "f32"]
-        assert network.runtime_precisions() == [{"f32"}, {"bf16"}, set()]  # the last: pooling, fc
-    else:
-        assert network.precisions == ["f32"]
+    assert network.precisions == ["f32", "bf16", "f32"]
+    assert network.runtime_precisions() == [{"f32"}, {"bf16"}, set()]  # the last: pooling, fc
     answers = served.predict(pd.DataFrame({"image": list(photos)}), {"test_time_augmentation": False})
-    np.testing.assert_allclose(answers[PROBABILITIES].to_numpy(), expected, atol=gaps.get(stages, 0) + 1e-6)
+    np.testing.assert_allclose(answers[PROBABILITIES].to_numpy(), expected, atol=gaps[stages] + 1e-6)
     np.testing.assert_array_equal(answers["digit"].to_numpy(), expected.argmax(axis=1))
