@@ -58,6 +58,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "sign-language-digits"
 STAGE_TAG = "pipeline.stage"
+PEAK_RSS_METRIC = "peak_rss_mib"  # each stage run: its process's peak resident memory
 # host:pid:start-time of the process that runs a stage or a trial; a later stage marks a run
 # KILLED when it is still RUNNING but that process is gone (SIGKILL, power cut, OOM killer).
 PROCESS_TAG = "pipeline.process"

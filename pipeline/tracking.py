@@ -4,6 +4,7 @@ import contextlib
 import logging
 import os
 import platform
+import resource
 import socket
 import subprocess
 import tempfile
@@ -129,7 +130,8 @@ def machine_tags() -> dict[str, str]:
 @contextlib.contextmanager
 def stage_run(stage: str, params: Mapping[str, Any], run_id: str | None = None) -> Iterator[Run]:
     """Open the MLflow run of one stage, tagged with the stage, the code version, the process and
-    the machine.
+    the machine; when it ends, the process's peak resident memory so far is logged as
+    config.PEAK_RSS_METRIC.
 
     Under `mlflow run` this resumes the run MLflow created for the entry point;
     otherwise it continues `run_id` when given (an unfinished run of the same stage in
@@ -162,10 +164,19 @@ def stage_run(stage: str, params: Mapping[str, Any], run_id: str | None = None) 
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
     except BaseException:
+        with contextlib.suppress(Exception):  # the error that ended the run is the one to report
+            mlflow.log_metric(config.PEAK_RSS_METRIC, peak_rss_mib())
         mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
         raise
     else:
+        mlflow.log_metric(config.PEAK_RSS_METRIC, peak_rss_mib())
         mlflow.end_run()
+
+
+def peak_rss_mib() -> float:
+    """The most resident memory this process has held so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024**2 if platform.system() == "Darwin" else peak / 1024  # bytes there, KiB here
 
 
 def process_id(pid: int | None = None) -> str:

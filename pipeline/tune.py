@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import resource
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -404,7 +403,7 @@ def rss_mib() -> float:
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return tracking.peak_rss_mib()
 
 
 def check_params(

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EXPERIMENT = "concurrent"
 INGEST_PARAMS = {"source", "sha256", "image_size", "val_fraction", "test_fraction", "seed", "max_per_class"}
-INGEST_METRICS = {"num_images", "num_skipped", "num_train", "num_val", "num_test"}
+INGEST_METRICS = {"num_images", "num_skipped", "num_train", "num_val", "num_test", config.PEAK_RSS_METRIC}
 
 
 def environment(tmp_path: Path) -> dict[str, str]:

@@ -44,6 +44,35 @@ def test_stage_runs_name_the_processor_and_tensorflow_threads(mlflow_store, monk
     assert mlflow.get_run(default).data.tags[config.THREADS_TAG] == str(len(os.sched_getaffinity(0)))
 
 
+STAGE_HOLDING_MEMORY = """
+import sys
+import numpy as np
+from pipeline import tracking
+with tracking.stage_run("ingest", {}) as run:
+    held = np.ones(300 * 2**20, dtype=np.uint8)  # 300 MiB, every page touched
+    print(run.info.run_id)
+    if sys.argv[1] == "fail":
+        raise RuntimeError("stage failed")
+"""
+
+
+@pytest.mark.parametrize("outcome", ["finish", "fail"])
+def test_stage_run_logs_the_peak_resident_memory_of_its_process(mlflow_store, outcome):
+    # Its own process, so that no earlier test's peak counts.
+    child = subprocess.run(
+        [sys.executable, "-c", STAGE_HOLDING_MEMORY, outcome],
+        capture_output=True,
+        text=True,
+        cwd=Path.cwd(),
+        env={**os.environ, "PYTHONPATH": str(Path(tracking.__file__).parents[1])},
+    )
+    assert child.returncode == (0 if outcome == "finish" else 1), child.stderr
+    run = mlflow.get_run(child.stdout.split()[-1])
+    assert run.info.status == {"finish": "FINISHED", "fail": "FAILED"}[outcome]
+    # 300 MiB held, on top of Python with MLflow and NumPy imported (~150-250 MiB).
+    assert 300 < run.data.metrics[config.PEAK_RSS_METRIC] < 1024
+
+
 def test_processor_name_carries_family_and_model_numbers():
     # Virtual machines show a generic name for processors of different generations.
     generic = {"model name": "AMD EPYC Processor", "cpu family": "25", "model": "17"}
