@@ -220,19 +220,29 @@ def reestimate_batch_norm(
     split is stored class by class) hold only that class's variance."""
     norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     momenta = [norm.momentum for norm in norms]
+    totals = [[np.zeros(norm.moving_mean.shape), np.zeros(norm.moving_variance.shape)] for norm in norms]
     order = np.random.default_rng(seed).permutation(len(images))
-    seen = 0
     try:
+        # Momentum 0: a forward pass leaves its batch's statistics in the moving ones, to be
+        # read. Set before the trace, which takes it as a constant.
+        for norm in norms:
+            norm.momentum = 0.0
+        # Traced: a graph frees each activation after its last use. Called eagerly, Keras held a
+        # whole forward pass's (250 MiB more at batch 128: train's peak memory; benchmarks/README.md).
+        spec = tf.TensorSpec((None, *images.shape[1:]), tf.float32)
+        forward = tf.function(lambda batch: model(batch, training=True), input_signature=[spec])
         for start in range(0, len(images), batch_size):
             batch = np.asarray(images[order[start : start + batch_size]], dtype=np.float32)
-            seen += len(batch)
-            # A running mean over the images so far: the first batch replaces what was there.
-            for norm in norms:
-                norm.momentum = 1 - len(batch) / seen
-            model(batch, training=True)  # eager: each call reads the momentum set here
+            forward(batch)
+            for (mean, variance), norm in zip(totals, norms):
+                mean += len(batch) * norm.moving_mean.numpy()
+                variance += len(batch) * norm.moving_variance.numpy()
     finally:
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
+    for (mean, variance), norm in zip(totals, norms):
+        norm.moving_mean.assign(mean / len(images))
+        norm.moving_variance.assign(variance / len(images))
 
 
 class Backup(keras.callbacks.Callback):
