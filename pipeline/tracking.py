@@ -174,7 +174,16 @@ def stage_run(stage: str, params: Mapping[str, Any], run_id: str | None = None) 
 
 
 def peak_rss_mib() -> float:
-    """The most resident memory this process has held so far, in MiB."""
+    """The most resident memory this process has held so far, in MiB.
+
+    /proc's VmHWM where there is one: Linux carries `ru_maxrss` across exec, so a stage started
+    from a process holding 2 GiB reported 2 GiB whatever it held itself."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024**2 if platform.system() == "Darwin" else peak / 1024  # bytes there, KiB here
 

@@ -17,7 +17,6 @@ import ctypes
 import json
 import logging
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -147,7 +146,7 @@ def train(spec: dict) -> dict:
     import keras_tuner
     import numpy as np
 
-    from pipeline import fitting, tune
+    from pipeline import fitting, tracking, tune
 
     with np.load(spec["arrays"]) as saved:
         arrays = {key: saved[key] for key in saved.files}
@@ -183,7 +182,7 @@ def train(spec: dict) -> dict:
         "history": {key: [float(value) for value in values] for key, values in history.history.items()},
         "steps": history.params["steps"],
         "pid": os.getpid(),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": tracking.peak_rss_mib(),
     }
 
 
