@@ -53,12 +53,6 @@ PREDICT_VARIANTS = (
 )
 
 
-def peak_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def random_images(count: int, size: int = 64):
     import numpy as np
 
@@ -238,6 +232,8 @@ def project_predict(variant: str, args) -> tuple[list[float], dict]:
 
 def run_child(variant: str, args) -> dict:
     """Measure one variant in this process."""
+    from pipeline import tracking
+
     kind, _, batch = variant.rpartition("-b") if "-train-" in variant else (variant, "", "")
     served = {}
     if kind == "reference-train":
@@ -259,7 +255,7 @@ def run_child(variant: str, args) -> dict:
         "min": min(rates),
         "max": max(rates),
         "repeats": len(rates),
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": tracking.peak_rss_mib(),
         **served,
     }
 

@@ -178,14 +178,22 @@ def peak_rss_mib() -> float:
 
     /proc's VmHWM where there is one: Linux carries `ru_maxrss` across exec, so a stage started
     from a process holding 2 GiB reported 2 GiB whatever it held itself."""
+    peak = process_memory_mib("VmHWM")
+    if peak is not None:
+        return peak
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024**2 if platform.system() == "Darwin" else peak / 1024  # bytes there, KiB here
+
+
+def process_memory_mib(field: str) -> float | None:
+    """A memory field of /proc/self/status ("VmRSS", "VmHWM", ...) in MiB; None without /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024**2 if platform.system() == "Darwin" else peak / 1024  # bytes there, KiB here
+    return None
 
 
 def process_id(pid: int | None = None) -> str:

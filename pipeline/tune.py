@@ -397,13 +397,8 @@ DEFAULTS_FIRST_ORACLES = {"bayesian": BayesianOracle, "random": RandomOracle}
 
 def rss_mib() -> float:
     """The process's resident memory now (peak where /proc is missing), in MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return tracking.peak_rss_mib()
+    now = tracking.process_memory_mib("VmRSS")
+    return tracking.peak_rss_mib() if now is None else now
 
 
 def check_params(
