@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 CHILD = """
-import resource, sys
+import sys
 from pathlib import Path
-from pipeline import ingest
+from pipeline import ingest, tracking
 ingest.run(sys.argv[1], Path(sys.argv[2]) / "out", data_dir=Path(sys.argv[2]) / "cache")
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(tracking.peak_rss_mib())
 """
 
 
@@ -31,7 +31,7 @@ def measure(source: str) -> tuple[float, float]:
             [sys.executable, "-c", CHILD, source, tmp], capture_output=True, text=True, check=True
         )
         wall = time.perf_counter() - start
-    return wall, int(done.stdout.split()[-1]) / 1024
+    return wall, float(done.stdout.split()[-1])
 
 
 def main() -> None:
