@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
 from pipeline import cli, config, ingest, tracking
@@ -58,13 +59,13 @@ def run(model_uri: str, x_test: np.ndarray, y_test: np.ndarray, out_dir: Path) -
     """Score the pyfunc at `model_uri` on uint8 images `x_test` (n, h, w, 3) and labels `y_test` (n,).
 
     Writes the per-class report, the confusion matrix, the gallery of mistakes and
-    every prediction to `out_dir`; returns test_accuracy, test_loss, macro_f1 and
-    num_misclassified, and for a model of this pipeline how closely it follows its Keras
-    model and, when it answers with test-time augmentation, test_accuracy_single_view
-    (every photo alone) and test_share_shifted (the share of photos it also shifted), and
-    test_accuracy_mirrored: on the photos mirrored left to right, as a left hand or a front camera
-    that mirrors shows a sign. Raises PipelineError when the URI does not load or the arrays do
-    not match.
+    every prediction to `out_dir`; returns test_accuracy with its 95% interval
+    (test_accuracy_ci95_low and _high), test_loss, macro_f1 and num_misclassified, and for
+    a model of this pipeline how closely it follows its Keras model and, when it answers
+    with test-time augmentation, test_accuracy_single_view (every photo alone) and
+    test_share_shifted (the share of photos it also shifted), and test_accuracy_mirrored: on
+    the photos mirrored left to right, as a left hand or a front camera that mirrors shows a
+    sign. Raises PipelineError when the URI does not load or the arrays do not match.
     """
     from pipeline import serving  # TensorFlow: not imported before the arguments are checked
 
@@ -159,15 +160,27 @@ def predict(model: mlflow.pyfunc.PyFuncModel, x: np.ndarray, params: dict | None
 
 
 def score(y: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
-    """Accuracy, cross-entropy of the probabilities, macro F1 and the number of mistakes."""
+    """Accuracy with its 95% interval, cross-entropy of the probabilities, macro F1 and the number
+    of mistakes."""
     from pipeline import serving  # TensorFlow: imported by then to load the model
 
+    low, high = accuracy_interval(int(np.sum(predicted == y)), len(y))
     return {
         "test_accuracy": float(np.mean(predicted == y)),
+        "test_accuracy_ci95_low": low,
+        "test_accuracy_ci95_high": high,
         "test_loss": serving.cross_entropy(probabilities, y),
         "macro_f1": float(f1_score(y, predicted, average="macro", zero_division=0)),
         "num_misclassified": int(np.sum(predicted != y)),
     }
+
+
+def accuracy_interval(correct: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy of `correct` out of `total`: the true accuracies
+    that result is consistent with. On 280 photos, 277 right (98.9%) gives 96.9-99.6%: a photo
+    either way of a bar is within one test split's noise."""
+    interval = binomtest(correct, total).proportion_ci(confidence, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
 def per_class(y: np.ndarray, predicted: np.ndarray) -> pd.DataFrame:

@@ -5,6 +5,8 @@ generated photos (conftest.photo_bytes) have a mean red value of about 25 * digi
 so a softmax over the mean colour with the right weights reads the digit off it.
 """
 
+import math
+
 import keras
 import mlflow
 import numpy as np
@@ -117,6 +119,28 @@ def test_decide_promotion(candidate, champion, minimum, promoted, figures):
         assert figure in reason
 
 
+def wilson(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval, written out (Wilson 1927)."""
+    share = correct / total
+    centre = (share + z**2 / (2 * total)) / (1 + z**2 / total)
+    half = z * math.sqrt(share * (1 - share) / total + z**2 / (4 * total**2)) / (1 + z**2 / total)
+    return centre - half, centre + half
+
+
+@pytest.mark.parametrize("correct, total", [(5, 10), (277, 280), (280, 280), (0, 3)])
+def test_accuracy_interval_is_the_wilson_interval(correct, total):
+    low, high = evaluate.accuracy_interval(correct, total)
+    assert (low, high) == pytest.approx(wilson(correct, total), abs=1e-6)
+    assert 0 <= low <= correct / total <= high <= 1
+
+
+def test_accuracy_interval_of_a_perfect_score_on_280_photos_reaches_below_99_percent():
+    # Why the interval is logged: 280 of 280 right cannot tell a 99% model from a perfect one.
+    low, high = evaluate.accuracy_interval(280, 280)
+    assert high == pytest.approx(1.0)
+    assert low == pytest.approx(280 / (280 + 1.959964**2)) and low < 0.99
+
+
 # run
 
 
@@ -134,6 +158,9 @@ def test_run_metrics_agree_with_the_pyfunc_predictions(mlflow_store, test_split,
     assert metrics["test_loss"] == pytest.approx(expected_loss, rel=1e-6)
     assert metrics["macro_f1"] == pytest.approx(f1_score(y, predicted, average="macro", zero_division=0))
     assert metrics["num_misclassified"] == (predicted != y).sum() == 5
+    assert (metrics["test_accuracy_ci95_low"], metrics["test_accuracy_ci95_high"]) == pytest.approx(
+        wilson(int((predicted == y).sum()), len(y))
+    )
 
     out = tmp_path / "out"
     assert {path.name for path in out.iterdir()} == EVALUATION_FILES
