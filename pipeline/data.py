@@ -6,7 +6,10 @@ import tensorflow as tf
 from pipeline import config, ingest, onehot, tracking
 from pipeline.errors import PipelineError
 
-AUTOTUNE = tf.data.AUTOTUNE
+# Batches a pipeline prepares ahead of the model, and its parallel calls: fixed, with tf.data's
+# autotuning off. Keras drops the training iterator at the end of every fit, and dropping an
+# autotuned one blocked 7-60 s with the cores idle in 5 of 8 fits here (benchmarks/README.md).
+AHEAD = 2
 
 
 def load(onehot_run) -> dict[str, np.ndarray]:
@@ -79,11 +82,13 @@ def dataset(
     data = data.batch(batch_size)
     if endless:
         data = data.repeat()
-    data = data.map(lambda images, labels: (tf.cast(images, tf.float32), labels), AUTOTUNE)
+    data = data.map(lambda images, labels: (tf.cast(images, tf.float32), labels), AHEAD)
     if training and augment:
         layers = augmenter(seed)
         # One batch at a time: the layers draw from one random state, and batches augmented in
         # parallel took its draws in whatever order they ran, so a seed did not repeat a training
         # (benchmarks/README.md: the step 2% slower, within the machine's noise).
         data = data.map(lambda images, labels: (layers(images, training=True), labels))
-    return data.prefetch(AUTOTUNE).skip(skip)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return data.prefetch(AHEAD).skip(skip).with_options(options)
