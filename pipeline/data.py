@@ -8,7 +8,7 @@ from pipeline.errors import PipelineError
 
 # Batches a pipeline prepares ahead of the model, and its parallel calls: fixed, with tf.data's
 # autotuning off. Keras drops the training iterator at the end of every fit, and dropping an
-# autotuned one blocked 7-60 s with the cores idle in 5 of 8 fits here (benchmarks/README.md).
+# autotuned one blocked 6-60 s, both cores idle, in about half the fits here (benchmarks/README.md).
 AHEAD = 2
 
 

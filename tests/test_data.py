@@ -83,7 +83,7 @@ def test_skipped_batches_are_drawn_so_the_next_ones_are_those_of_an_unbroken_str
 
 def test_pipelines_are_not_autotuned():
     # Keras drops the training iterator at the end of every fit, and dropping an autotuned one
-    # blocked 7-60 s with the cores idle (benchmarks/README.md): the depths are fixed instead.
+    # blocked 6-60 s with the cores idle (benchmarks/README.md): the depths are fixed instead.
     x, y = arrays()
     for options in ({}, {"training": True, "augment": True, "endless": True}):
         assert data.dataset(x, y, 8, **options).options().autotune.enabled is False
