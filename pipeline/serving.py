@@ -54,7 +54,6 @@ message naming the photo and what to send ("image 3: not valid base64; send ..."
 
 import base64
 import binascii
-import gc
 import io
 import logging
 import re
@@ -269,22 +268,31 @@ def precision_parts(network: keras.Model, bfloat16_stages=()) -> list[tuple[kera
     return [(keras.Model(first, last), precision) for first, last, precision in cuts]
 
 
-def choose_bfloat16_stages(model: keras.Model, photos: np.ndarray) -> tuple[tuple[int, ...], float]:
+class BFloat16Choice(NamedTuple):
+    """The ResNet stages a model is served with in bfloat16 (none: float32 throughout), the largest
+    gap to float32 measured for them, and that served network, compiled."""
+
+    stages: tuple[int, ...]
+    gap: float
+    network: "ServedNetwork"
+
+
+def choose_bfloat16_stages(model: keras.Model, photos: np.ndarray) -> BFloat16Choice:
     """The first of config.SERVING_BFLOAT16_CANDIDATES (fastest first) whose served network, on
     `photos` (uint8, the model's input size: the validation split), gives the float32 Keras
     network's digits and probabilities within config.SERVING_MAX_PROBABILITY_GAP of it, with that
-    largest gap; ((), 0.0) when none does, the model is not a ResNet-50 or this processor computes
-    no bfloat16 natively (OpenVINO would compute float32 instead, and the gaps measured would hold
-    nothing for a machine that has it: served in float32 everywhere)."""
+    largest gap; no stages and a gap of 0.0 when none does, the model is not a ResNet-50 or this
+    processor computes no bfloat16 natively (OpenVINO would compute float32 instead, and the gaps
+    measured would hold nothing for a machine that has it: served in float32 everywhere)."""
     from pipeline import fitting
 
     float32 = inference_model(model)
     if float32 is model or not fitting.bf16_is_native():
-        return (), 0.0
+        return BFloat16Choice((), 0.0, ServedNetwork(float32))
     expected = forward(float32, photos)
-    chosen = (), 0.0
     for stages in config.SERVING_BFLOAT16_CANDIDATES:
-        answers = in_chunks(ServedNetwork(float32, stages), photos)
+        network = ServedNetwork(float32, stages)
+        answers = in_chunks(network, photos)
         gap = float(np.abs(answers - expected).max())
         same_digits = np.array_equal(answers.argmax(axis=1), expected.argmax(axis=1))
         log.info(
@@ -295,11 +303,9 @@ def choose_bfloat16_stages(model: keras.Model, photos: np.ndarray) -> tuple[tupl
             "" if same_digits else ", other digits",
         )
         if same_digits and gap <= config.SERVING_MAX_PROBABILITY_GAP:
-            chosen = tuple(stages), gap
-            break
-    del float32
-    gc.collect()  # Keras models hold reference cycles: free the copies before train logs the model
-    return chosen
+            return BFloat16Choice(tuple(stages), gap, network)
+        del network
+    return BFloat16Choice((), 0.0, ServedNetwork(float32))
 
 
 class ViewScores(NamedTuple):
@@ -313,19 +319,19 @@ class ViewScores(NamedTuple):
 
 
 def choose_test_time_shift(
-    model: keras.Model, photos: np.ndarray, labels: np.ndarray, bfloat16_stages=(), mode: str = "auto"
+    single, photos: np.ndarray, labels: np.ndarray, mode: str = "auto"
 ) -> tuple[int, ViewScores]:
-    """config.TEST_TIME_SHIFT when the served network (its `bfloat16_stages` in bfloat16), shifting
-    the photos below config.TEST_TIME_GATE, has a lower cross-entropy on `photos` (uint8, the
-    validation split) than from every photo alone, else 0 (off); `mode` "on" or "off" decides
-    instead of that rule. With the scores of each. `labels`: digits, or one-hot rows.
+    """config.TEST_TIME_SHIFT when the served network `single` (a float32 batch in, probabilities
+    out: `choose_bfloat16_stages`' network), shifting the photos below config.TEST_TIME_GATE, has a
+    lower cross-entropy on `photos` (uint8, the validation split) than from every photo alone, else
+    0 (off); `mode` "on" or "off" decides instead of that rule. With the scores of each. `labels`:
+    digits, or one-hot rows.
 
     The loss, not the count of errors: on 280 photos a model gets 1-4 wrong, and one photo either
     way decided a default run's served model against the shifts (validation 1 -> 2 wrong, loss
     0.117 -> 0.114), which then got 6 test photos wrong alone against 2 shifted (README, "Measured here")."""
     labels = labels.argmax(axis=1) if labels.ndim == 2 else labels
-    scores = view_scores(ServedNetwork(inference_model(model), bfloat16_stages), photos, labels)
-    gc.collect()  # Keras models hold reference cycles: free the copy before train logs the model
+    scores = view_scores(single, photos, labels)
     serve = scores.loss_shifted < scores.loss_single if mode == "auto" else mode == "on"
     return (config.TEST_TIME_SHIFT if serve else 0), scores
 
@@ -530,7 +536,7 @@ def log_model(
     """
     if mlflow.active_run() is None:
         raise PipelineError("serving.log_model needs an active MLflow run (mlflow.start_run())")
-    model = float32_copy(keras_model)
+    model = keras_model if is_float32_uncompiled(keras_model) else float32_copy(keras_model)
     example = pd.DataFrame({"image": [base64.b64encode(example_image or grey_png()).decode("ascii")]})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / KERAS_FILE
@@ -562,6 +568,12 @@ def float32_copy(keras_model: keras.Model) -> keras.Model:
     copy = keras.saving.deserialize_keras_object(model_config)
     copy.set_weights(keras_model.get_weights())
     return copy
+
+
+def is_float32_uncompiled(keras_model: keras.Model) -> bool:
+    """Whether `keras_model` already is what `float32_copy` makes: every layer float32, no optimizer."""
+    policies = {layer.dtype_policy.name for layer in keras_model.layers}
+    return not keras_model.compiled and policies == {"float32"}
 
 
 def _float32_config(node):

@@ -128,6 +128,21 @@ def test_a_trained_model_is_logged_without_its_optimizer(mlflow_store, tmp_path)
         assert "optimizer" not in weights, "Adam's moments were stored with the served weights"
 
 
+def test_only_an_uncompiled_float32_model_is_logged_without_a_copy():
+    model = tiny_classifier()
+    assert serving.is_float32_uncompiled(model)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        mixed = tiny_classifier()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert not serving.is_float32_uncompiled(mixed)
+    assert serving.is_float32_uncompiled(serving.float32_copy(mixed))
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    assert not serving.is_float32_uncompiled(model)
+    assert serving.is_float32_uncompiled(serving.float32_copy(model))
+
+
 def test_log_model_needs_an_active_run(mlflow_store, keras_model):
     with pytest.raises(PipelineError, match="active MLflow run"):
         serving.log_model(keras_model)
@@ -316,9 +331,11 @@ def test_the_shift_is_served_only_when_it_lowers_the_validation_loss():
         losses = [-np.log(p[np.arange(len(labels)), labels]).mean() for p in (alone, shifted)]
         return errors, losses
 
+    network = serving.ServedNetwork(model)
+
     def choice(labels, **options):
         labels = np.asarray(labels)
-        shift, scores = serving.choose_test_time_shift(model, photos, labels, **options)
+        shift, scores = serving.choose_test_time_shift(network, photos, labels, **options)
         digits = labels.argmax(axis=1) if labels.ndim == 2 else labels
         assert [scores.errors_single, scores.errors_shifted] == expected(digits)[0]
         np.testing.assert_allclose([scores.loss_single, scores.loss_shifted], expected(digits)[1], rtol=1e-5)
@@ -638,23 +655,29 @@ def test_the_served_network_runs_the_fastest_bfloat16_stages_that_stay_close_to_
     with pytest.raises(ValueError, match="follow each other"):
         serving.precision_parts(float32, (3, 5))
     if not fitting.bf16_is_native():  # no bfloat16 to measure here: served in float32
-        assert serving.choose_bfloat16_stages(model, photos) == ((), 0.0)
+        assert serving.choose_bfloat16_stages(model, photos)[:2] == ((), 0.0)
         return
     expected = serving.forward(float32, photos)
-    gaps = {
-        stages: np.abs(serving.in_chunks(serving.ServedNetwork(float32, stages), photos) - expected).max()
+    answers = {
+        stages: serving.in_chunks(serving.ServedNetwork(float32, stages), photos)
         for stages in config.SERVING_BFLOAT16_CANDIDATES
     }
+    gaps = {stages: np.abs(answer - expected).max() for stages, answer in answers.items()}
     assert min(gaps.values()) > 0
 
     # The first candidate within the allowed gap wins, whatever its place.
     for allowed in sorted(gaps.values()):
         monkeypatch.setattr(config, "SERVING_MAX_PROBABILITY_GAP", float(allowed))
         first = next(stages for stages, gap in gaps.items() if gap <= allowed)
-        assert serving.choose_bfloat16_stages(model, photos) == (first, pytest.approx(gaps[first]))
+        choice = serving.choose_bfloat16_stages(model, photos)
+        assert choice[:2] == (first, pytest.approx(gaps[first]))
+        # The network it hands on is the one it measured: the same answers, compiled once.
+        np.testing.assert_allclose(serving.in_chunks(choice.network, photos), answers[first], atol=1e-6)
     monkeypatch.setattr(config, "SERVING_MAX_PROBABILITY_GAP", min(gaps.values()) / 2)
-    assert serving.choose_bfloat16_stages(model, photos) == ((), 0.0)
-    assert serving.choose_bfloat16_stages(tiny_classifier(), photos) == ((), 0.0)  # not a ResNet-50
+    choice = serving.choose_bfloat16_stages(model, photos)
+    assert choice[:2] == ((), 0.0)
+    assert choice.network.precisions == ["f32"]
+    assert serving.choose_bfloat16_stages(tiny_classifier(), photos)[:2] == ((), 0.0)  # not a ResNet-50
 
     # The logged model names its stages, and the served network computes them in bfloat16.
     stages = config.SERVING_BFLOAT16_CANDIDATES[0]
