@@ -20,10 +20,10 @@ def run(out_dir: Path, image_size: int = config.IMAGE_SIZE, num_classes: int = c
     """
     import keras  # TensorFlow takes seconds to import; only build, tune and train need it
 
-    from pipeline import resnet
+    from pipeline import fitting
 
     try:
-        model = resnet.build_resnet50((image_size, image_size, 3), num_classes)
+        model = fitting.new_model(image_size, num_classes)  # the model train and tune start from
     except ValueError as error:
         raise PipelineError(str(error)) from None
     out_dir.mkdir(parents=True, exist_ok=True)

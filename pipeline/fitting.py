@@ -74,7 +74,12 @@ class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
 
 def new_model(image_size: int, num_classes: int = config.NUM_CLASSES) -> keras.Model:
     """A fresh ResNet50 under the current dtype policy."""
-    return resnet.build_resnet50((image_size, image_size, 3), num_classes, bn_momentum=config.BN_MOMENTUM)
+    return resnet.build_resnet50(
+        (image_size, image_size, 3),
+        num_classes,
+        bn_momentum=config.BN_MOMENTUM,
+        zero_init_residual=config.ZERO_INIT_RESIDUAL,
+    )
 
 
 def compile_model(

@@ -77,35 +77,41 @@ class FusedBatchNormalization(layers.BatchNormalization):
         )
 
 
-def _conv_bn(x, filters, kernel_size, name, strides=1, padding="valid", relu=True, batch_norm=True):
-    """Conv2D, BatchNormalization and (optionally) ReLU, named like Keras ResNet50."""
+def _conv_bn(
+    x, filters, kernel_size, name, strides=1, padding="valid", relu=True, batch_norm=True, gamma="ones"
+):
+    """Conv2D, BatchNormalization (its scale initialised to `gamma`) and (optionally) ReLU, named
+    like Keras ResNet50."""
     x = layers.Conv2D(filters, kernel_size, strides=strides, padding=padding, name=f"res{name}")(x)
     if batch_norm:
-        x = FusedBatchNormalization(axis=3, epsilon=BN_EPSILON, name=f"bn{name}")(x)
+        x = FusedBatchNormalization(axis=3, epsilon=BN_EPSILON, gamma_initializer=gamma, name=f"bn{name}")(x)
     if relu:
         x = layers.ReLU(name=f"res{name}_relu")(x)
     return x
 
 
-def _main_path(x, kernel_size, filters, base, strides, batch_norm):
+def _main_path(x, kernel_size, filters, base, strides, batch_norm, zero_init):
     f1, f2, f3 = filters
     x = _conv_bn(x, f1, 1, f"{base}_branch2a", strides=strides, batch_norm=batch_norm)
     x = _conv_bn(x, f2, kernel_size, f"{base}_branch2b", padding="same", batch_norm=batch_norm)
-    return _conv_bn(x, f3, 1, f"{base}_branch2c", relu=False, batch_norm=batch_norm)
+    last_gamma = "zeros" if zero_init else "ones"
+    return _conv_bn(x, f3, 1, f"{base}_branch2c", relu=False, batch_norm=batch_norm, gamma=last_gamma)
 
 
-def identity_block(x, kernel_size, filters, stage, block, batch_norm=True):
-    """Bottleneck block whose shortcut is the block input itself."""
+def identity_block(x, kernel_size, filters, stage, block, batch_norm=True, zero_init=False):
+    """Bottleneck block whose shortcut is the block input itself; `zero_init` starts the main
+    path's last batch norm at scale 0, so that the block starts as its shortcut."""
     base = f"{stage}{block}"
-    y = _main_path(x, kernel_size, filters, base, strides=1, batch_norm=batch_norm)
+    y = _main_path(x, kernel_size, filters, base, strides=1, batch_norm=batch_norm, zero_init=zero_init)
     y = layers.Add(name=f"res{base}_add")([y, x])
     return layers.ReLU(name=f"res{base}_out")(y)
 
 
-def convolutional_block(x, kernel_size, filters, stage, block, strides=2, batch_norm=True):
-    """Bottleneck block with a 1x1 projection shortcut (changes depth and/or size)."""
+def convolutional_block(x, kernel_size, filters, stage, block, strides=2, batch_norm=True, zero_init=False):
+    """Bottleneck block with a 1x1 projection shortcut (changes depth and/or size); `zero_init` as
+    for `identity_block` (the projection's batch norm keeps scale 1)."""
     base = f"{stage}{block}"
-    y = _main_path(x, kernel_size, filters, base, strides=strides, batch_norm=batch_norm)
+    y = _main_path(x, kernel_size, filters, base, strides=strides, batch_norm=batch_norm, zero_init=zero_init)
     # The projection is fed by the block input x, not by the main path y.
     shortcut = _conv_bn(
         x, filters[2], 1, f"{base}_branch1", strides=strides, relu=False, batch_norm=batch_norm
@@ -132,12 +138,17 @@ def _check_args(input_shape, num_classes):
     return tuple(int(d) for d in shape)
 
 
-def build_resnet50(input_shape=(64, 64, 3), num_classes=10, bn_momentum=0.99, batch_norm=True):
+def build_resnet50(
+    input_shape=(64, 64, 3), num_classes=10, bn_momentum=0.99, batch_norm=True, zero_init_residual=False
+):
     """Build an uncompiled ResNet-50 named 'resnet50'.
 
     Takes float pixel values 0-255 of shape input_shape (height, width >= 32, 3
     channels) and returns float32 class probabilities of shape (batch, num_classes).
     `bn_momentum` is every batch norm's moving-average momentum (Keras' default 0.99).
+    `zero_init_residual` initialises the scale of each block's last batch norm (`bn*_branch2c`)
+    to 0 instead of 1, so that every block starts as its shortcut (Goyal et al. 2017,
+    arXiv:1706.02677, section 5.1).
     `batch_norm=False` leaves the batch norms out: the skeleton `fold_batch_norm` fills.
     Raises ValueError, naming the parameter, for a bad input_shape or num_classes.
     """
@@ -161,9 +172,10 @@ def build_resnet50(input_shape=(64, 64, 3), num_classes=10, bn_momentum=0.99, ba
         (4, (256, 256, 1024), 5, 2),
         (5, (512, 512, 2048), 2, 2),
     ):
-        x = convolutional_block(x, 3, filters, stage, "a", strides=strides, batch_norm=batch_norm)
+        options = {"batch_norm": batch_norm, "zero_init": zero_init_residual}
+        x = convolutional_block(x, 3, filters, stage, "a", strides=strides, **options)
         for block in "bcdefg"[:n_identity]:
-            x = identity_block(x, 3, filters, stage, block, batch_norm=batch_norm)
+            x = identity_block(x, 3, filters, stage, block, **options)
 
     # Pool over the whole final map: global average pooling for any input size.
     x = layers.AveragePooling2D(pool_size=tuple(x.shape[1:3]), name="avg_pool")(x)

@@ -18,6 +18,10 @@ def test_build_writes_a_config_that_rebuilds_the_same_model(tmp_path):
     rebuilt = build.load(tmp_path / "model")
     assert rebuilt.count_params() == model.count_params() == 23_608_202
     assert rebuilt.output_shape == (None, 10)
+    # The model train and tune start from: their batch-norm momentum and zero-initialised blocks.
+    assert rebuilt.get_layer("bn3a_branch2a").momentum == config.BN_MOMENTUM
+    zero_init = not rebuilt.get_layer("bn3a_branch2c").gamma.numpy().any()
+    assert zero_init == config.ZERO_INIT_RESIDUAL
 
 
 @pytest.mark.parametrize(

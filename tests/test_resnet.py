@@ -133,6 +133,23 @@ def test_predictions_sum_to_one(model):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 
 
+def test_zero_init_residual_starts_every_block_as_its_shortcut():
+    model = build_resnet50((32, 32, 3), 10, zero_init_residual=True)
+    last = [layer.name for layer in model.layers if layer.name.startswith("bn") and "branch2c" in layer.name]
+    assert len(last) == 16
+    assert not any(np.any(model.get_layer(name).gamma.numpy()) for name in last)
+    assert np.all(model.get_layer("bn2a_branch1").gamma.numpy() == 1)  # the projections stay
+    assert np.all(model.get_layer("bn2a_branch2b").gamma.numpy() == 1)
+    # Untrained, each identity block hands its input on unchanged.
+    outputs = [model.get_layer(f"res4{block}_out").output for block in BLOCKS[4]]
+    maps = keras.Model(model.input, outputs)(_pixels(2, 32), training=False)
+    assert np.any(maps[0].numpy())
+    for block_input, block_output in itertools.pairwise(maps):
+        np.testing.assert_array_equal(block_input.numpy(), block_output.numpy())
+    classic = build_resnet50((32, 32, 3), 10)
+    assert all(np.all(classic.get_layer(name).gamma.numpy() == 1) for name in last)
+
+
 @pytest.mark.parametrize("size", [32, 100])
 def test_other_input_sizes(size):
     other = build_resnet50((size, size, 3), 10)
