@@ -73,7 +73,8 @@ class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
 
 
 def new_model(image_size: int, num_classes: int = config.NUM_CLASSES) -> keras.Model:
-    """A fresh ResNet50 under the current dtype policy."""
+    """A fresh ResNet50 under the current dtype policy, with config's batch-norm momentum and
+    zero-initialised residual blocks."""
     return resnet.build_resnet50(
         (image_size, image_size, 3),
         num_classes,

@@ -128,7 +128,8 @@ def test_a_trained_model_is_logged_without_its_optimizer(mlflow_store, tmp_path)
         assert "optimizer" not in weights, "Adam's moments were stored with the served weights"
 
 
-def test_only_an_uncompiled_float32_model_is_logged_without_a_copy():
+def test_is_float32_uncompiled_is_true_only_for_what_float32_copy_makes():
+    # log_model copies a model only when this is false.
     model = tiny_classifier()
     assert serving.is_float32_uncompiled(model)
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -671,7 +672,7 @@ def test_the_served_network_runs_the_fastest_bfloat16_stages_that_stay_close_to_
         first = next(stages for stages, gap in gaps.items() if gap <= allowed)
         choice = serving.choose_bfloat16_stages(model, photos)
         assert choice[:2] == (first, pytest.approx(gaps[first]))
-        # The network it hands on is the one it measured: the same answers, compiled once.
+        # The network it hands on computes the chosen stages: the answers measured for them.
         np.testing.assert_allclose(serving.in_chunks(choice.network, photos), answers[first], atol=1e-6)
     monkeypatch.setattr(config, "SERVING_MAX_PROBABILITY_GAP", min(gaps.values()) / 2)
     choice = serving.choose_bfloat16_stages(model, photos)
