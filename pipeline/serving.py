@@ -287,23 +287,24 @@ def choose_bfloat16_stages(model: keras.Model, photos: np.ndarray) -> BFloat16Ch
     from pipeline import fitting
 
     float32 = inference_model(model)
-    if float32 is not model and fitting.bf16_is_native():
-        expected = forward(float32, photos)
-        for stages in config.SERVING_BFLOAT16_CANDIDATES:
-            network = ServedNetwork(float32, stages)
-            answers = in_chunks(network, photos)
-            gap = float(np.abs(answers - expected).max())
-            same_digits = np.array_equal(answers.argmax(axis=1), expected.argmax(axis=1))
-            log.info(
-                "stages %s in bfloat16: probabilities up to %.4f from float32 on %d photos%s",
-                list(stages),
-                gap,
-                len(photos),
-                "" if same_digits else ", other digits",
-            )
-            if same_digits and gap <= config.SERVING_MAX_PROBABILITY_GAP:
-                return BFloat16Choice(tuple(stages), gap, network)
-            del network
+    if float32 is model or not fitting.bf16_is_native():
+        return BFloat16Choice((), 0.0, ServedNetwork(float32))
+    expected = forward(float32, photos)
+    for stages in config.SERVING_BFLOAT16_CANDIDATES:
+        network = ServedNetwork(float32, stages)
+        answers = in_chunks(network, photos)
+        gap = float(np.abs(answers - expected).max())
+        same_digits = np.array_equal(answers.argmax(axis=1), expected.argmax(axis=1))
+        log.info(
+            "stages %s in bfloat16: probabilities up to %.4f from float32 on %d photos%s",
+            list(stages),
+            gap,
+            len(photos),
+            "" if same_digits else ", other digits",
+        )
+        if same_digits and gap <= config.SERVING_MAX_PROBABILITY_GAP:
+            return BFloat16Choice(tuple(stages), gap, network)
+        del network
     return BFloat16Choice((), 0.0, ServedNetwork(float32))
 
 
