@@ -93,3 +93,31 @@ def test_bad_options_are_refused_naming_them(mlflow_store, tmp_path):
     assert done.returncode == 2 and "--split needs --model" in done.stderr
     done = benchmark("--model", "models:/none/1", "--split", "test")
     assert done.returncode != 0 and "--split test" in done.stderr and "does not resolve" in done.stderr
+
+
+def test_the_gpu_benchmark_runs_the_projects_own_recipe():
+    """benchmarks/gpu_jax.py compiles fitting's and data's functions from their source, to run
+    them without TensorFlow: here they run, and build and compile what the modules' own do."""
+    import importlib.util
+
+    from pipeline import data, fitting
+
+    spec = importlib.util.spec_from_file_location("gpu_jax", BENCHMARK.parent / "gpu_jax.py")
+    gpu_jax = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_jax)
+    recipe = gpu_jax.load_recipe()
+    ours, theirs = recipe["new_model"](32), fitting.new_model(32)
+    assert [layer.name for layer in ours.layers] == [layer.name for layer in theirs.layers]
+    assert ours.count_params() == theirs.count_params()
+    recipe["compile_model"](ours, 1e-3, steps_per_epoch=10, epochs=4)
+    fitting.compile_model(theirs, 1e-3, steps_per_epoch=10, epochs=4)
+    configs = [{**model.optimizer.get_config(), "name": None} for model in (ours, theirs)]
+    assert configs[0] == configs[1]
+    assert ours.loss.get_config() == theirs.loss.get_config()
+    augmenters = [
+        [{**layer.get_config(), "name": type(layer)} for layer in make(0).layers]
+        for make in (recipe["augmenter"], data.augmenter)
+    ]
+    assert augmenters[0] == augmenters[1]
+    assert recipe["steps"](1301, 128) == fitting.steps(1301, 128) == 11
+    assert recipe["WeightAverage"](40).first == fitting.WeightAverage(40).first == 30
