@@ -34,8 +34,8 @@ RECIPE = {"fitting": ("new_model", "compile_model", "steps", "WeightAverage"), "
 
 
 def load_recipe() -> dict:
-    """RECIPE's functions and classes, compiled from the project's source, bound to Keras and the project's
-    config and resnet: whatever backend Keras was imported with."""
+    """RECIPE's functions and classes, compiled from the project's source and bound to Keras and
+    the project's config and resnet: under whatever backend Keras was imported with."""
     import keras
 
     from pipeline import resnet
