@@ -1,6 +1,6 @@
 """The project's ResNet-50 and training recipe on a GPU, under Keras' JAX backend.
 
-    KERAS_BACKEND=jax python benchmarks/gpu_jax.py --images IMAGES_NPZ [--epochs 40]
+    KERAS_BACKEND=jax python benchmarks/gpu_jax.py --images IMAGES_NPZ [--epochs 40] [--seeds 42 1 2]
 
 For a GPU machine where TensorFlow cannot be installed (no CUDA 12 libraries, no registry;
 benchmarks/README.md): it needs Keras 3 and JAX with its CUDA plugin, not this project's
@@ -10,8 +10,11 @@ modules import TensorFlow at the top. With train's defaults: mixed_bfloat16 (wha
 GPU), batch 128, 2e-3, 40 epochs, augmentation, the mean of the last 10 epochs' weights with
 batch-norm statistics re-estimated. Unlike train: no tuning, early stopping, MLflow or test-time
 shifts (the network's one-view answer), and full batches only (each batch shape compiles again).
-IMAGES_NPZ is an ingest run's dataset/images.npz. Prints each epoch, then test accuracy and the
+IMAGES_NPZ is an ingest run's dataset/images.npz. Trains once per seed (train's --seed: initial
+weights, data order, augmentation), printing each epoch and the test accuracy, then measures the
 training and inference speed, and writes it all as JSON (--out).
+With several seeds, JAX_COMPILATION_CACHE_DIR (and JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0)
+lets the trainings after the first read the compiled step back instead of compiling it again.
 """
 
 import argparse
@@ -71,7 +74,7 @@ def epoch_times(keras):
     return EpochTimes()
 
 
-def augmented_batches(keras, augmenter, x, y, batch_size):
+def augmented_batches(keras, augmenter, x, y, batch_size, seed):
     """data.dataset's training batches (shuffled, augmented) without tf.data. Under JAX Keras runs
     a model that holds augmentation layers eagerly (7 s a step on an H200), so the layers run
     here, jitted on their own, outside the model."""
@@ -80,13 +83,13 @@ def augmented_batches(keras, augmenter, x, y, batch_size):
     class Augmented(keras.utils.PyDataset):
         def __init__(self):
             super().__init__()
-            layers = augmenter(config.SEED)
+            layers = augmenter(seed)
             layers.build((None, *x.shape[1:]))
             self.seeds = [v.value for v in layers.non_trainable_variables]
             self.augment = jax.jit(
                 lambda seeds, images: layers.stateless_call([], seeds, images, training=True)
             )
-            self.rng = np.random.default_rng(config.SEED)
+            self.rng = np.random.default_rng(seed)
             self.on_epoch_end()
 
         def __len__(self):
@@ -103,7 +106,7 @@ def augmented_batches(keras, augmenter, x, y, batch_size):
     return Augmented()
 
 
-def reestimate_batch_norm(keras, model, images: np.ndarray, batch_size: int) -> None:
+def reestimate_batch_norm(keras, model, images: np.ndarray, batch_size: int, seed: int) -> None:
     """fitting.reestimate_batch_norm, its forward pass jitted by JAX instead of tf.function."""
     import jax
 
@@ -118,7 +121,7 @@ def reestimate_batch_norm(keras, model, images: np.ndarray, batch_size: int) -> 
     trainable = [v.value for v in model.trainable_variables]
     forward = jax.jit(lambda state, batch: model.stateless_call(trainable, state, batch, training=True)[1])
     state = [v.value for v in variables]
-    order = np.random.default_rng(config.SEED).permutation(len(images))
+    order = np.random.default_rng(seed).permutation(len(images))
     batches = len(images) // batch_size
     totals = [[0.0, 0.0] for _ in norms]
     for start in range(0, batches * batch_size, batch_size):
@@ -132,11 +135,11 @@ def reestimate_batch_norm(keras, model, images: np.ndarray, batch_size: int) -> 
         norm.moving_variance.assign(variance / batches)
 
 
-def train(keras, recipe, arrays: dict, epochs: int, batch_size: int = config.BATCH_SIZE) -> dict:
-    keras.utils.set_random_seed(config.SEED)
+def train(keras, recipe, arrays: dict, epochs: int, seed: int, batch_size: int = config.BATCH_SIZE) -> dict:
+    keras.utils.set_random_seed(seed)
     model = recipe["new_model"](config.IMAGE_SIZE)
     labels = one_hot(arrays["y_train"])
-    batches = augmented_batches(keras, recipe["augmenter"], arrays["x_train"], labels, batch_size)
+    batches = augmented_batches(keras, recipe["augmenter"], arrays["x_train"], labels, batch_size, seed)
     recipe["compile_model"](model, config.LEARNING_RATE, len(batches), epochs)
     times, average = epoch_times(keras), recipe["WeightAverage"](epochs)
     val = (arrays["x_val"].astype(np.float32), one_hot(arrays["y_val"]))
@@ -153,7 +156,7 @@ def train(keras, recipe, arrays: dict, epochs: int, batch_size: int = config.BAT
     result["val_accuracy_by_epoch"] = history.history["val_accuracy"]
     if average.complete:
         model.set_weights(average.mean)
-        reestimate_batch_norm(keras, model, arrays["x_train"], batch_size)
+        reestimate_batch_norm(keras, model, arrays["x_train"], batch_size, seed)
     for split in ("val", "test"):
         x = arrays[f"x_{split}"].astype(np.float32)
         probabilities = model.predict(x, batch_size=len(x) // 2, verbose=0)
@@ -188,6 +191,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=Path, required=True, help="an ingest run's dataset/images.npz")
     parser.add_argument("--epochs", type=int, default=config.EPOCHS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[config.SEED], help="one training each")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -202,8 +206,14 @@ def main(argv=None) -> None:
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     images = arrays["x_train"][: len(arrays["x_train"]) // 64 * 64].astype(np.float32)
+    trainings = {
+        "train" if seed == config.SEED else f"train_seed{seed}": lambda seed=seed: train(
+            keras, recipe, arrays, args.epochs, seed
+        )
+        for seed in args.seeds
+    }
     stages = {
-        "train": lambda: train(keras, recipe, arrays, args.epochs),
+        **trainings,
         "train_speed_batch32": lambda: train_speed(keras, recipe, images, 32),
         "predict_speed_batch64": lambda: predict_speed(recipe, images),
     }
