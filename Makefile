@@ -37,7 +37,7 @@ run: setup
 	$(BIN)/mlflow run . --env-manager local $(if $(SOURCE),-P source=$(abspath $(SOURCE))) $(RUN_ARGS)
 
 test: setup
-	$(BIN)/python -m pytest --numprocesses $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest --numprocesses $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 server: setup
 	PYTHON=$(BIN)/python deploy/tracking-server.sh start
