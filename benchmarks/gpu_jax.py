@@ -119,13 +119,16 @@ def reestimate_batch_norm(keras, model, images: np.ndarray, batch_size: int, see
     for norm in norms:
         norm.momentum = 0.0  # a forward pass leaves its batch's statistics in the moving ones
     trainable = [v.value for v in model.trainable_variables]
-    forward = jax.jit(lambda state, batch: model.stateless_call(trainable, state, batch, training=True)[1])
+    # the weights as arguments: closed over, JAX takes arrays as constants of the compiled pass
+    forward = jax.jit(
+        lambda weights, state, batch: model.stateless_call(weights, state, batch, training=True)[1]
+    )
     state = [v.value for v in variables]
     order = np.random.default_rng(seed).permutation(len(images))
     batches = len(images) // batch_size
     totals = [[0.0, 0.0] for _ in norms]
     for start in range(0, batches * batch_size, batch_size):
-        updated = forward(state, images[order[start : start + batch_size]].astype(np.float32))
+        updated = forward(trainable, state, images[order[start : start + batch_size]].astype(np.float32))
         for total, slot in zip(totals, slots):
             for i in (0, 1):
                 total[i] = total[i] + np.asarray(updated[slot[i]], np.float64)
@@ -156,7 +159,9 @@ def train(keras, recipe, arrays: dict, epochs: int, seed: int, batch_size: int =
     result["val_accuracy_by_epoch"] = history.history["val_accuracy"]
     if average.complete:
         model.set_weights(average.mean)
+        start = time.perf_counter()
         reestimate_batch_norm(keras, model, arrays["x_train"], batch_size, seed)
+        result["reestimate_s"] = time.perf_counter() - start
     for split in ("val", "test"):
         x = arrays[f"x_{split}"].astype(np.float32)
         probabilities = model.predict(x, batch_size=len(x) // 2, verbose=0)
