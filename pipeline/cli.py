@@ -2,6 +2,7 @@
 
 import argparse
 import atexit
+import ctypes
 import functools
 import logging
 import os
@@ -13,6 +14,7 @@ from pipeline import config
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
+_M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's malloc.h
 
 
 def positive_int(text: str) -> int:
@@ -121,11 +123,27 @@ def parser(stage: str, description: str) -> argparse.ArgumentParser:
     )
 
 
+def limit_malloc_arenas(arenas: int = config.MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas for this process; True when the cap was set here.
+
+    In time before TensorFlow's thread pools start (they start with the first op, not at
+    import). MALLOC_ARENA_MAX, which glibc reads when a process starts, wins when set.
+    """
+    if not sys.platform.startswith("linux") or os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    try:
+        return ctypes.CDLL(None).mallopt(_M_ARENA_MAX, arenas) == 1
+    except (OSError, AttributeError):  # no libc to load, or a libc without mallopt
+        return False
+
+
 def entry_point(main: Callable[[list[str] | None], object]) -> Callable[[list[str] | None], None]:
-    """Run a stage's main: log to stderr, turn PipelineError into one line and exit 2."""
+    """Run a stage's main: cap malloc's arenas, log to stderr, turn PipelineError into one line
+    and exit 2."""
 
     @functools.wraps(main)
     def wrapped(argv: list[str] | None = None) -> None:
+        limit_malloc_arenas()
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
