@@ -123,18 +123,18 @@ def parser(stage: str, description: str) -> argparse.ArgumentParser:
     )
 
 
-def limit_malloc_arenas(arenas: int = config.MALLOC_ARENAS) -> bool:
-    """Cap glibc's malloc arenas for this process; True when the cap was set here.
+def limit_malloc_arenas(arenas: int = config.MALLOC_ARENAS) -> None:
+    """Cap glibc's malloc arenas for this process.
 
     In time before TensorFlow's thread pools start (they start with the first op, not at
     import). MALLOC_ARENA_MAX, which glibc reads when a process starts, wins when set.
     """
     if not sys.platform.startswith("linux") or os.environ.get("MALLOC_ARENA_MAX"):
-        return False
+        return
     try:
-        return ctypes.CDLL(None).mallopt(_M_ARENA_MAX, arenas) == 1
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, arenas)
     except (OSError, AttributeError):  # no libc to load, or a libc without mallopt
-        return False
+        pass
 
 
 def entry_point(main: Callable[[list[str] | None], object]) -> Callable[[list[str] | None], None]:

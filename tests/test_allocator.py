@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from pipeline import config
 
@@ -45,7 +46,7 @@ def arenas(tmp_path: Path, how: str, **env: str) -> int:
         [sys.executable, "-c", PROBE, str(report), how],
         capture_output=True,
         text=True,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=ROOT,
         env={**environment, **env},
         timeout=120,
     )
