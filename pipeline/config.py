@@ -138,8 +138,8 @@ STRATEGIES = ("default", "multiworker")
 STRATEGY = "default"
 TRAIN_WORKERS = 2  # processes `train --strategy multiworker` starts on this machine without TF_CONFIG
 # glibc gives each new thread its own malloc arena, up to 8 per core, and TensorFlow's threads
-# leave freed activations spread over them. Every stage caps them at 2: train's peak in 8 float32
-# epochs 2,917 -> 2,817 MiB, epochs as fast (benchmarks/README.md). MALLOC_ARENA_MAX wins when set.
+# leave freed activations spread over them. Every stage caps them at 2: a default float32 train's
+# peak 3,223 -> 2,917 MiB, the same model as fast (benchmarks/README.md). MALLOC_ARENA_MAX wins when set.
 MALLOC_ARENAS = 2
 
 # Tuning
