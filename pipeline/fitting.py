@@ -204,13 +204,13 @@ class WeightAverage(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if epoch < self.first:
             return
-        weights = self.model.get_weights()
         self.count += 1
+        # A variable at a time: get_weights() would hold a copy of them all (94 MB here) at once.
         if self.mean is None:
-            self.mean = [np.array(w, dtype=np.float32) for w in weights]
+            self.mean = [np.array(variable.numpy(), dtype=np.float32) for variable in self.model.weights]
         else:
-            for mean, w in zip(self.mean, weights):
-                mean += (w - mean) / self.count
+            for mean, variable in zip(self.mean, self.model.weights):
+                mean += (variable.numpy() - mean) / self.count
 
     @property
     def complete(self) -> bool:
@@ -449,6 +449,13 @@ def training_key(
         "recipe": json.loads(json.dumps(recipe())),
         "commit": tracking.code_version()[config.COMMIT_TAG],
     }
+
+
+def can_stop_early(epochs: int, patience: int, min_epochs: int) -> bool:
+    """Whether `early_stopping(patience, min_epochs)` can end an `epochs`-epoch run before its
+    last epoch. Its earliest stop: the epoch `min_epochs` (counted from 0) sets the best, and
+    `patience` epochs without a better one (at least 1) stop the run."""
+    return min_epochs + max(patience, 1) < epochs - 1
 
 
 def early_stopping(patience: int, min_epochs: int) -> keras.callbacks.EarlyStopping:

@@ -61,6 +61,35 @@ def test_early_stopping_waits_for_min_epochs_and_restores_the_best():
     assert stopper.restore_best_weights
 
 
+def first_stop(epochs: int, patience: int, min_epochs: int) -> int | None:
+    """The epoch (from 0) at which Keras' own stopper ends a run whose validation accuracy never
+    improves: its earliest stop; None when it trains every epoch."""
+    stopper = fitting.early_stopping(patience, min_epochs)
+    model = tiny_model()
+    model.stop_training = False  # what fit sets
+    stopper.set_model(model)
+    stopper.on_train_begin()
+    for epoch in range(epochs):
+        stopper.on_epoch_end(epoch, {"val_accuracy": 0.5})
+        if model.stop_training:
+            return epoch
+    return None
+
+
+def test_can_stop_early_says_when_the_stopper_can_end_a_run_before_its_last_epoch():
+    for epochs in range(1, 9):
+        for patience in range(4):
+            for min_epochs in range(9):
+                stop = first_stop(epochs, patience, min_epochs)
+                expected = stop is not None and stop < epochs - 1
+                assert fitting.can_stop_early(epochs, patience, min_epochs) == expected, (
+                    epochs,
+                    patience,
+                    min_epochs,
+                )
+    assert not fitting.can_stop_early(config.EPOCHS, config.PATIENCE, config.MIN_EPOCHS)
+
+
 def test_epoch_logger_logs_every_epoch_to_the_run(mlflow_store):
     model = fitting.compile_model(tiny_model(), learning_rate=1e-3, steps_per_epoch=2, epochs=3)
     x = np.random.default_rng(0).uniform(0, 255, (16, 8, 8, 3)).astype("float32")

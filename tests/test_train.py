@@ -67,6 +67,18 @@ def test_run_trains_logs_each_epoch_and_writes_curves(mlflow_store, tiny_arrays,
 
 
 @pytest.mark.slow
+def test_a_run_stopped_early_keeps_its_best_epoch_not_an_average(tiny_arrays, tmp_path):
+    _, history, kept = train.run(
+        tiny_arrays, tmp_path / "out", None, batch_size=8, epochs=8, patience=0, min_epochs=0
+    )
+    assert len(history) < 8  # stopped at the first epoch that did not improve on the best
+    best = int(history["val_accuracy"].to_numpy().argmax())
+    assert kept["averaged_epochs"] == 0 and kept["epoch"] == best + 1
+    assert list(history["kept"]) == [epoch == best for epoch in range(len(history))]
+    assert kept["val_accuracy"] == pytest.approx(history["val_accuracy"].max())
+
+
+@pytest.mark.slow
 def test_the_same_seed_trains_the_same_model(tiny_arrays, tmp_path):
     def weights(seed):
         model, _, _ = train.run(
