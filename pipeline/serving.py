@@ -256,15 +256,23 @@ class ServedNetwork:
 def precision_parts(network: keras.Model, bfloat16_stages=()) -> list[tuple[keras.Model, str]]:
     """`network` as consecutive sub-models with the precision each computes in: the whole in "f32"
     without `bfloat16_stages`; else cut where those stages begin and end, the middle in "bf16".
-    ValueError for stages with a gap between them."""
+    With the stem (stage 1) the "bf16" part starts at the network's input, not at its rescaling:
+    OpenVINO folds the rescaling into the first convolution, and the pixels, whole numbers 0..255,
+    are exact in bfloat16, where rescaled ones rounded to it moved a trained model's probabilities
+    by up to 0.012 (benchmarks/README.md). ValueError for stages with a gap between them."""
     stages = sorted(set(bfloat16_stages))
     if stages and stages != list(range(stages[0], stages[-1] + 1)):
         raise ValueError(f"bfloat16 stages must follow each other, like 3,4,5; got {stages}")
     inside = [index for index, layer in enumerate(network.layers) if resnet.stage(layer.name) in stages]
     if not inside:
         return [(network, "f32")]
-    start, end = network.layers[inside[0] - 1].output, network.layers[inside[-1]].output
-    cuts = [(network.input, start, "f32"), (start, end, "bf16"), (end, network.output, "f32")]
+    end = network.layers[inside[-1]].output
+    if 1 in stages:
+        cuts = [(network.input, end, "bf16")]
+    else:
+        start = network.layers[inside[0] - 1].output
+        cuts = [(network.input, start, "f32"), (start, end, "bf16")]
+    cuts.append((end, network.output, "f32"))
     return [(keras.Model(first, last), precision) for first, last, precision in cuts]
 
 

@@ -681,7 +681,7 @@ def test_the_served_network_runs_the_fastest_bfloat16_stages_that_stay_close_to_
     assert serving.choose_bfloat16_stages(tiny_classifier(), photos)[:2] == ((), 0.0)  # not a ResNet-50
 
     # The logged model names its stages, and the served network computes them in bfloat16.
-    stages = config.SERVING_BFLOAT16_CANDIDATES[0]
+    stages = (1, 2, 3, 4, 5)  # the whole network
     with mlflow.start_run():
         info = serving.log_model(model, registered_model_name=None, bfloat16_stages=stages)
     served = mlflow.pyfunc.load_model(info.model_uri)
@@ -697,9 +697,14 @@ def test_the_served_network_runs_the_fastest_bfloat16_stages_that_stay_close_to_
         "res5c_out",
         ["fc"],
     )
+    # With the stem, the bfloat16 part takes the raw pixels and rescales them itself.
+    parts = serving.precision_parts(float32, (1, 2, 3, 4, 5))
+    assert [precision for _, precision in parts] == ["bf16", "f32"]
+    assert [layer.name for layer in parts[0][0].layers[:3]] == ["pixels", "rescale", "conv1_pad"]
+    assert [layer.name for layer in parts[0][0].layers if named(layer)][-1] == "res5c_out"
     network = served.unwrap_python_model().network
-    assert network.precisions == ["f32", "bf16", "f32"]
-    assert network.runtime_precisions() == [{"f32"}, {"bf16"}, set()]  # the last: pooling, fc
+    assert network.precisions == ["bf16", "f32"]
+    assert network.runtime_precisions() == [{"bf16"}, set()]  # the last: pooling, fc
     answers = served.predict(pd.DataFrame({"image": list(photos)}), {"test_time_augmentation": False})
     np.testing.assert_allclose(answers[PROBABILITIES].to_numpy(), expected, atol=gaps[stages] + 1e-6)
     np.testing.assert_array_equal(answers["digit"].to_numpy(), expected.argmax(axis=1))
