@@ -341,9 +341,9 @@ def stage_list(text: str) -> tuple[int, ...]:
     try:
         stages = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: stages are numbers 2-5, like 4,5") from None
-    if not set(stages) <= {2, 3, 4, 5}:
-        raise argparse.ArgumentTypeError(f"{text!r}: stages are numbers 2-5, like 4,5")
+        raise argparse.ArgumentTypeError(f"{text!r}: stages are numbers 1-5, like 4,5") from None
+    if not set(stages) <= {1, 2, 3, 4, 5}:
+        raise argparse.ArgumentTypeError(f"{text!r}: stages are numbers 1-5, like 4,5")
     return stages
 
 

@@ -87,8 +87,10 @@ def test_bad_options_are_refused_naming_them(mlflow_store, tmp_path):
     assert done.returncode == 2 and "--photos" in done.stderr and "no such folder or .zip" in done.stderr
     done = benchmark("--model", "models:/none/1", "--variants", "project-predict-single-float32")
     assert done.returncode != 0 and "not with --model" in done.stderr
-    done = benchmark("--model", "models:/none/1", "--bfloat16-stages", "3,4,5")
+    done = benchmark("--model", "models:/none/1", "--bfloat16-stages", "1,2,3,4,5")  # read, then refused
     assert done.returncode == 2 and "--bfloat16-stages: not with --model" in done.stderr
+    done = benchmark("--bfloat16-stages", "0,1")
+    assert done.returncode == 2 and "stages are numbers 1-5" in done.stderr
     done = benchmark("--split", "test")
     assert done.returncode == 2 and "--split needs --model" in done.stderr
     done = benchmark("--model", "models:/none/1", "--split", "test")
