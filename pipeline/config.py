@@ -17,6 +17,9 @@ NUM_CLASSES = 10
 IMAGE_SIZE = 64
 MIN_IMAGE_SIZE = 32  # the smallest input ResNet50's five down-samplings can take
 MAX_IMAGE_SIZE = 1024  # beyond this a batch of ResNet50 activations no longer fits in memory
+# A JPEG is decoded at a reduced scale (1/2, 1/4, 1/8) that keeps at least this many times the
+# model's side, so that the antialiased resize still makes the last step (images.preprocess).
+DECODE_HEADROOM = 2
 VAL_FRACTION = 0.15
 TEST_FRACTION = 0.15
 SEED = 42

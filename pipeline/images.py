@@ -14,14 +14,20 @@ from pipeline import config
 from pipeline.errors import PipelineError
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+_ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose reads
+_SIDEWAYS = {5, 6, 7, 8}  # orientations stored with width and height swapped
 
 
 class ImageError(PipelineError):
     """One image that cannot be used; ingest skips it, the served model rejects it."""
 
 
-def decode(data: bytes, name: str = "image") -> Image.Image:
+def decode(data: bytes, name: str = "image", min_side: int = 0) -> Image.Image:
     """Decode encoded image bytes into an upright RGB Pillow image.
+
+    With `min_side`, a JPEG is decoded at the smallest of libjpeg's scales (1/2, 1/4, 1/8)
+    that still leaves `min_side` pixels on each side, as `preprocess` does: a phone photo
+    is then an eighth of its width and height before it is resized.
 
     Raises ImageError, naming `name`, for empty or oversized input, content that is
     not an image in one of config.IMAGE_FORMATS, truncated or malformed files, and
@@ -39,6 +45,8 @@ def decode(data: bytes, name: str = "image") -> Image.Image:
             warnings.simplefilter("ignore")  # EXIF, TIFF tag and palette warnings are noise here
             image = Image.open(io.BytesIO(data), formats=config.IMAGE_FORMATS)
             _check_pixels(image.size, name)
+            if min_side:
+                image.draft(None, (min_side, min_side))  # a no-op for the formats other than JPEG
             image.load()
             image = ImageOps.exif_transpose(image)
     except ImageError:
@@ -105,7 +113,16 @@ def resize(image: Image.Image, image_size: int = config.IMAGE_SIZE) -> np.ndarra
 
 def preprocess(data: bytes, image_size: int = config.IMAGE_SIZE, name: str = "image") -> np.ndarray:
     """Encoded image bytes as the (image_size, image_size, 3) uint8 array the model sees."""
-    return resize(decode(data, name), image_size)
+    return resize(decode(data, name, min_side=config.DECODE_HEADROOM * image_size), image_size)
+
+
+def photo_size(data: bytes) -> tuple[int, int]:
+    """The upright width and height of a photo that `decode` accepted, read from its header."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(io.BytesIO(data), formats=config.IMAGE_FORMATS) as image:
+            width, height = image.size
+            return (height, width) if image.getexif().get(_ORIENTATION) in _SIDEWAYS else (width, height)
 
 
 def preprocess_array(

@@ -241,12 +241,12 @@ def decode(files: list[tuple[Path, int]], root: Path, image_size: int, max_per_c
         if max_per_class and kept[label] >= max_per_class:
             continue
         try:
-            image = images.decode(_read(path, name), name)
+            data = _read(path, name)
+            pixels[name] = images.preprocess(data, image_size, name)
         except (images.ImageError, OSError) as error:
             rejected.append((name, str(error)))
             continue
-        pixels[name] = images.resize(image, image_size)
-        rows.append((name, sha, label, image.width, image.height))
+        rows.append((name, sha, label, *images.photo_size(data)))
         kept[label] += 1
     manifest = pd.DataFrame(rows, columns=["file", "sha256", "label", "width", "height"])
     for name, reason in rejected:

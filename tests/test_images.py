@@ -255,6 +255,52 @@ def test_without_exif_orientation_nothing_turns():
     assert np.asarray(image)[:, :18].mean() < 10
 
 
+# ---------------------------------------------------------------- large JPEGs
+
+
+def camera_jpeg(width: int, height: int, **options) -> bytes:
+    """A JPEG as smooth as a camera's photo at that size: the gradient scaled up."""
+    smooth = Image.fromarray(gradient(40, 30)).resize((width, height), Image.Resampling.BICUBIC)
+    return encode(smooth, "JPEG", quality=90, **options)
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale():
+    data = camera_jpeg(1200, 900)
+    # 900 // 128 = 7, so libjpeg's largest scale that keeps 128 pixels a side is 1/4.
+    assert images.decode(data, "big.jpg", min_side=128).size == (300, 225)
+    assert images.decode(data, "big.jpg").size == (1200, 900)
+
+
+def test_a_jpeg_under_twice_the_side_is_decoded_whole():
+    data = camera_jpeg(300, 200)
+    assert np.array_equal(np.asarray(images.decode(data, min_side=128)), np.asarray(images.decode(data)))
+
+
+def test_formats_other_than_jpeg_are_decoded_whole():
+    assert images.decode(encode(Image.fromarray(gradient(1000, 800))), min_side=128).size == (1000, 800)
+
+
+def test_preprocess_reduces_a_phone_photo_close_to_the_whole_decode():
+    data = camera_jpeg(4032, 3024)
+    whole = images.resize(images.decode(data)).astype(int)
+    reduced = images.preprocess(data).astype(int)
+    assert not np.array_equal(whole, reduced)
+    assert np.abs(whole - reduced).mean() < 1.0
+
+
+def test_a_reduced_decode_is_upright():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = camera_jpeg(1200, 900, exif=exif)
+    assert images.decode(data, "rotated.jpg", min_side=128).size == (225, 300)
+    assert images.photo_size(data) == (900, 1200)
+
+
+def test_photo_size_is_the_stored_size_without_orientation():
+    assert images.photo_size(camera_jpeg(1200, 900)) == (1200, 900)
+    assert images.photo_size(encode(Image.fromarray(gradient(97, 61)))) == (97, 61)
+
+
 # ---------------------------------------------------------------- errors
 
 

@@ -1,6 +1,7 @@
 """Ingest: layouts, labels, bad files, the split, and the outputs."""
 
 import hashlib
+import io
 import time
 from pathlib import Path
 
@@ -74,6 +75,21 @@ def test_outputs_are_written(dataset_zip, tmp_path):
     assert np.array_equal(arrays["x_test"], result.arrays["x_test"])
     counts = pd.read_csv(out / config.COUNTS_FILE, index_col=0)
     assert counts["total"].sum() == 40 and list(counts.index) == list(range(10))
+
+
+def test_a_phone_photo_is_listed_upright_at_its_size_and_reduced_as_served(tmp_path):
+    root = make_tree(tmp_path / "photos", per_class=4, layout="folders")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: 1600 wide, 1200 high, shown 1200 wide
+    pixels = np.asarray(Image.open(io.BytesIO(photo_bytes(3, 9))).resize((1600, 1200)))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90, exif=exif)
+    (root / "3" / "phone.jpg").write_bytes(buffer.getvalue())
+    result = run(root, tmp_path)
+    row = result.manifest.set_index("file").loc["3/phone.jpg"]
+    assert (row["width"], row["height"]) == (1200, 1600)
+    stored = result.arrays[f"x_{row['split']}"][row["index"]]
+    assert np.array_equal(stored, images.preprocess(buffer.getvalue()))
 
 
 def test_split_is_stratified_disjoint_and_reproducible(tmp_path):
