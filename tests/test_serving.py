@@ -508,6 +508,16 @@ def test_a_bad_item_is_refused_naming_it_and_what_to_send(served, bad, message):
     assert "send " in raised.value.message
 
 
+def test_of_two_bad_photos_the_first_in_the_batch_is_named(served):
+    # The first fails only after decoding most of a large JPEG, the second at once.
+    large = io.BytesIO()
+    Image.fromarray(pixels((64, 64, 3))).resize((2000, 1500)).save(large, "JPEG")
+    photos = [GOOD, b64(large.getvalue()[: -len(large.getvalue()) // 10]), GOOD, "!!not*base64!!"]
+    with pytest.raises(MlflowException) as raised:
+        served.predict(pd.DataFrame({"image": photos}))
+    assert raised.value.message.startswith("image 1: ")
+
+
 def test_the_model_answers_the_same_after_every_bad_input(served):
     good = pd.DataFrame({"image": [GOOD]})
     before = served.predict(good)
