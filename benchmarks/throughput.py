@@ -13,7 +13,7 @@ Variants, each in a fresh process:
 - reference-predict: the reference model's `predict` on 64 preprocessed 64x64 images;
 - project-predict: the registered pyfunc, loaded with mlflow.pyfunc.load_model, on 64 raw JPEG
   photos (decoding and preprocessing included), as served by default: test-time augmentation for
-  the photos below the confidence gate, stages 3-5 in bfloat16 (`--bfloat16-stages`; by default the
+  the photos below the confidence gate, the stages of `--bfloat16-stages` in bfloat16 (by default the
   first of config.SERVING_BFLOAT16_CANDIDATES, what train serves when the validation photos allow
   it; this untrained model is not checked). The untrained model is unsure of every photo: this is
   the worst case, 5 forward passes a photo. `--model` with `--photos` (a folder or .zip) or
