@@ -8,13 +8,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from pipeline import config
 from pipeline.errors import PipelineError
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
-_ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose reads
 _SIDEWAYS = {5, 6, 7, 8}  # orientations stored with width and height swapped
 
 
@@ -122,7 +121,8 @@ def photo_size(data: bytes) -> tuple[int, int]:
         warnings.simplefilter("ignore")
         with Image.open(io.BytesIO(data), formats=config.IMAGE_FORMATS) as image:
             width, height = image.size
-            return (height, width) if image.getexif().get(_ORIENTATION) in _SIDEWAYS else (width, height)
+            sideways = image.getexif().get(ExifTags.Base.Orientation) in _SIDEWAYS
+            return (height, width) if sideways else (width, height)
 
 
 def preprocess_array(

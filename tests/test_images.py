@@ -266,7 +266,7 @@ def camera_jpeg(width: int, height: int, **options) -> bytes:
 
 def test_a_large_jpeg_is_decoded_at_a_reduced_scale():
     data = camera_jpeg(1200, 900)
-    # 900 // 128 = 7, so libjpeg's largest scale that keeps 128 pixels a side is 1/4.
+    # 900 // 128 = 7, so the smallest of libjpeg's scales that keeps 128 pixels a side is 1/4.
     assert images.decode(data, "big.jpg", min_side=128).size == (300, 225)
     assert images.decode(data, "big.jpg").size == (1200, 900)
 

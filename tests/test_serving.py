@@ -512,7 +512,8 @@ def test_of_two_bad_photos_the_first_in_the_batch_is_named(served):
     # The first fails only after decoding most of a large JPEG, the second at once.
     large = io.BytesIO()
     Image.fromarray(pixels((64, 64, 3))).resize((2000, 1500)).save(large, "JPEG")
-    photos = [GOOD, b64(large.getvalue()[: -len(large.getvalue()) // 10]), GOOD, "!!not*base64!!"]
+    truncated = large.getvalue()[: -len(large.getvalue()) // 10]
+    photos = [GOOD, b64(truncated), GOOD, "!!not*base64!!"]
     with pytest.raises(MlflowException) as raised:
         served.predict(pd.DataFrame({"image": photos}))
     assert raised.value.message.startswith("image 1: ")
