@@ -79,7 +79,12 @@ from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import AnyType, ParamSchema, ParamSpec
 from PIL import Image
 
-from pipeline import config, images, resnet  # resnet registers the layers the saved model names
+from pipeline import (
+    config,
+    images,
+    openvino_graph,
+    resnet,  # registers the layers the saved model names
+)
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -229,7 +234,9 @@ class ServedNetwork:
         self.precisions = []  # "f32" or "bf16", part by part
         self.models = []  # the compiled parts, in order
         for part, precision in precision_parts(network, bfloat16_stages):
-            graph = openvino.convert_model(compiled(part), input=[(-1, *part.input_shape[1:])])
+            graph = openvino_graph.graph(part)
+            if graph is None:
+                graph = openvino.convert_model(compiled(part), input=[(-1, *part.input_shape[1:])])
             hints = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
             self.models.append(core.compile_model(graph, "CPU", hints))
             self.precisions.append(precision)

@@ -1,0 +1,90 @@
+"""The served network written as an OpenVINO graph from its Keras layers (pipeline.openvino_graph)."""
+
+import keras
+import numpy as np
+import openvino
+import pytest
+from keras import layers
+
+from pipeline import config, openvino_graph, resnet, serving
+from tests.conftest import tiny_classifier
+
+
+def run(graph: openvino.Model, pixels: np.ndarray) -> np.ndarray:
+    compiled = openvino.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return np.asarray(compiled(pixels.astype(np.float32))[0])
+
+
+def every_written_layer() -> keras.Model:
+    """Each layer and setting the writer knows, on odd sizes where the side "same" pads matters."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((11, 9, 3))
+    x = layers.Rescaling(1 / 255, offset=-0.5)(inputs)
+    x = layers.ZeroPadding2D(((1, 2), (0, 3)))(x)
+    x = layers.Conv2D(6, (3, 2), strides=2, padding="same", activation="relu")(x)
+    x = layers.MaxPooling2D(3, strides=2, padding="same")(x)
+    branch = layers.Conv2D(6, 1, padding="valid", use_bias=False)(x)
+    x = layers.ReLU()(layers.Add()([x, branch]))
+    x = layers.Conv2D(5, 2, strides=(1, 2), padding="valid")(x)
+    x = layers.AveragePooling2D(2, strides=1, padding="same")(x)
+    x = layers.Flatten()(x)  # several pixels: the order of its values is Keras' (H, W, C)
+    outputs = layers.Activation("softmax")(layers.Dense(7)(x))
+    return keras.Model(inputs, outputs)
+
+
+def test_every_written_layer_computes_what_keras_does():
+    model = every_written_layer()
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 11, 9, 3)).astype(np.float32)
+    graph = openvino_graph.graph(model)
+    assert graph is not None
+    expected = np.asarray(model(pixels))
+    assert expected.std() > 0.01  # answers that tell the orders of values apart
+    np.testing.assert_allclose(run(graph, pixels), expected, atol=1e-6)
+    np.testing.assert_allclose(run(graph, pixels[:1]), expected[:1], atol=1e-6)  # any batch size
+
+
+@pytest.mark.slow
+def test_a_folded_resnet50_and_its_cuts_compute_what_the_converted_graphs_do():
+    keras.utils.set_random_seed(1)
+    model = resnet.build_resnet50((32, 32, 3), config.NUM_CLASSES)
+    network = serving.inference_model(model)
+    rng = np.random.default_rng(0)
+    for part, _ in [(network, "f32"), *serving.precision_parts(network, (3, 4, 5))]:
+        pixels = rng.uniform(0, 255 if part is network else 1, (3, *part.input_shape[1:]))
+        written = openvino_graph.graph(part)
+        assert written is not None, part.name
+        converted = openvino.convert_model(serving.compiled(part), input=[(-1, *part.input_shape[1:])])
+        got, expected = run(written, pixels), run(converted, pixels)
+        assert got.shape == expected.shape == (3, *part.output_shape[1:])
+        np.testing.assert_allclose(got, expected, atol=1e-6 * np.abs(expected).max(), err_msg=part.name)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        layers.GlobalAveragePooling2D(),
+        layers.Conv2D(2, 3, dilation_rate=2),
+        layers.DepthwiseConv2D(3),
+        layers.ReLU(max_value=6.0),
+        layers.Activation("tanh"),
+    ],
+    ids=lambda layer: type(layer).__name__,
+)
+def test_a_layer_not_written_leaves_the_model_to_the_converter(layer):
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, layer(layers.Conv2D(3, 1)(inputs)))
+    assert openvino_graph.graph(model) is None
+
+
+def test_a_layer_computing_in_another_precision_is_not_written():
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, layers.Conv2D(3, 1, dtype="mixed_bfloat16")(inputs))
+    assert openvino_graph.graph(model) is None
+    assert openvino_graph.graph(keras.Model(inputs, layers.Conv2D(3, 1)(inputs))) is not None
+
+
+def test_a_model_with_a_layer_not_written_is_served_converted():
+    assert openvino_graph.graph(tiny_classifier()) is None  # global pooling
+    served = serving.ServedNetwork(tiny_classifier())
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(served(pixels), np.asarray(tiny_classifier()(pixels)), atol=1e-6)
