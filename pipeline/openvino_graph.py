@@ -31,8 +31,10 @@ def graph(network) -> openvino.Model | None:
         if layer.dtype_policy.compute_dtype != "float32":
             return None
         # A cut of a network calls its layers again on copies of their tensors: of a layer's
-        # calls, the one on this model's tensors.
-        call = next((c for c in layer._inbound_nodes if all(id(t) in values for t in c.input_tensors)), None)
+        # calls (Keras 3.15 keeps them in a private list; none found leaves the model to the
+        # converter), the one on this model's tensors.
+        calls = getattr(layer, "_inbound_nodes", ())
+        call = next((c for c in calls if all(id(t) in values for t in c.input_tensors)), None)
         if call is None or len(call.output_tensors) != 1:
             return None
         node = _write(layer, [values[id(tensor)] for tensor in call.input_tensors])
