@@ -15,6 +15,8 @@ from keras import layers
 
 _NCHW = [0, 3, 1, 2]
 _NHWC = [0, 2, 3, 1]
+# Keras' "same" pads the extra row and column at the end, as TensorFlow does: OpenVINO's same_upper.
+_PADS = {"valid": "valid", "same": "same_upper"}
 
 
 def graph(network) -> openvino.Model | None:
@@ -62,7 +64,7 @@ def _write(layer, inputs):
     (first, *_) = inputs
     config = layer.get_config()
     if isinstance(layer, layers.Add):
-        node = inputs[0]
+        node = first
         for other in inputs[1:]:
             node = ops.add(node, other)
         return node
@@ -71,7 +73,7 @@ def _write(layer, inputs):
     if config.get("data_format", "channels_last") != "channels_last":
         return None
     if type(layer) is layers.Conv2D:
-        return _conv(layer, first)
+        return _conv(layer, config, first)
     if isinstance(layer, layers.Dense):
         if _rank(first) != 2:
             return None
@@ -101,8 +103,7 @@ def _write(layer, inputs):
     return None
 
 
-def _conv(layer, node):
-    config = layer.get_config()
+def _conv(layer, config, node):
     if config["groups"] != 1 or tuple(config["dilation_rate"]) != (1, 1) or config["padding"] not in _PADS:
         return None
     kernel, *bias = layer.get_weights()
@@ -138,7 +139,3 @@ def _rank(node) -> int:
     if isinstance(node, openvino.Output):
         return len(node.get_partial_shape())
     return len(node.get_output_partial_shape(0))
-
-
-# Keras' "same" pads the extra row and column at the end, as TensorFlow does: OpenVINO's same_upper.
-_PADS = {"valid": "valid", "same": "same_upper"}

@@ -236,7 +236,7 @@ class ServedNetwork:
         for part, precision in precision_parts(network, bfloat16_stages):
             graph = openvino_graph.graph(part)
             if graph is None:
-                graph = openvino.convert_model(compiled(part), input=[(-1, *part.input_shape[1:])])
+                graph = converted(part)
             hints = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
             self.models.append(core.compile_model(graph, "CPU", hints))
             self.precisions.append(precision)
@@ -377,6 +377,12 @@ def compiled(network: keras.Model):
     batch size (not once per call or per shape)."""
     spec = tf.TensorSpec((None, *network.input_shape[1:]), tf.float32)
     return tf.function(lambda pixels: network(pixels, training=False), input_signature=[spec])
+
+
+def converted(network: keras.Model) -> openvino.Model:
+    """`network` as an OpenVINO model for any batch size, by OpenVINO's TensorFlow converter (for
+    the networks `openvino_graph` does not write)."""
+    return openvino.convert_model(compiled(network), input=[(-1, *network.input_shape[1:])])
 
 
 def forward(model: keras.Model, photos: np.ndarray) -> np.ndarray:
