@@ -61,3 +61,22 @@ def test_ignored_outputs_stay_out_of_git():
     ):
         assert pattern in ignored
     assert (ROOT / "input_dataset" / "README.md").is_file()
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a file's headings: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", markdown, flags=re.S), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
+@pytest.mark.parametrize("document", ["README.md", "benchmarks/README.md", "benchmarks/RUNS.md"])
+def test_document_links_point_at_files_and_headings_that_exist(document):
+    path = ROOT / document
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)", path.read_text()):
+        if target.startswith(("http://", "https://")):
+            continue
+        linked = (path.parent / target) if target else path
+        assert linked.exists(), f"{document} links to {target}, which does not exist"
+        if anchor:
+            headings = heading_anchors(linked.read_text())
+            assert anchor in headings, f"{document}: {linked.name} has no heading for #{anchor}"
