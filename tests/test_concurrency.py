@@ -57,7 +57,8 @@ def test_four_ingests_started_at_once_on_a_new_store_all_finish(tmp_path):
     command = [sys.executable, "-m", "pipeline.ingest", "--source", str(source), "--image-size", "32"]
     output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
     processes = [
-        subprocess.Popen([*command, "--seed", str(seed)], cwd=ROOT, env=env, **output) for seed in range(4)
+        subprocess.Popen([*command, "--seed", str(seed)], cwd=tmp_path, env=env, **output)
+        for seed in range(4)
     ]
     outputs = [process.communicate(timeout=300)[0].decode(errors="replace") for process in processes]
     for process, output in zip(processes, outputs):
@@ -66,6 +67,9 @@ def test_four_ingests_started_at_once_on_a_new_store_all_finish(tmp_path):
     assert sorted(run.data.params["seed"] for run in finished) == ["0", "1", "2", "3"]
     for run in finished:
         assert_complete_ingest(run)
+        # A new store's artifacts go to ./mlruns of the working folder: tmp_path, not the checkout.
+        artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+        assert artifacts.is_relative_to(tmp_path), artifacts
 
 
 def mlflow_run(entry_point: str, env: dict, *params: str) -> list[str]:

@@ -26,6 +26,10 @@ def mlflow_run(tmp_path, *params, entry_point="main"):
         **os.environ,
         "MLFLOW_TRACKING_URI": uri,
         "SIGN_DIGITS_DATA_DIR": str(tmp_path / "input_dataset"),
+        # `mlflow run` works in the project's folder: without these the search's state and
+        # train's backups would land in the checkout the tests run from.
+        config.TUNER_DIR_ENV: str(tmp_path / "tuner"),
+        config.CHECKPOINT_DIR_ENV: str(tmp_path / "checkpoints"),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
@@ -94,6 +98,7 @@ def test_main_runs_every_stage_and_the_champion_loads(tmp_path, real_archive):
         output_format="list",
     )
     assert len(trials) == 2
+    assert any((tmp_path / "tuner").iterdir())  # the search's state, kept out of the checkout
     assert runs["train"].data.params["tune_run_id"] == runs["tune"].info.run_id
     assert runs["evaluate"].data.tags["pipeline.promoted"] == "true"
     assert any((tmp_path / "artifacts").rglob(config.IMAGES_FILE))
