@@ -193,9 +193,11 @@ MAX_PREDICT_BATCH = 1024  # images in one pyfunc call or HTTP request
 # The served ResNet-50 has its batch norms folded and runs in float32 but for the stages that
 # train picks here, fastest first: the first whose probabilities on the validation photos stay
 # within SERVING_MAX_PROBABILITY_GAP of float32 with the same digits (none: float32). The whole
-# network (1-5) runs from the raw pixels (`serving.precision_parts`), 1.5-1.8 times as fast as 3-5.
-# Where the stem makes the gap (0.0075 on a model trained on an AMD EPYC without AMX), 2-5 can
-# pass and runs 1.35 times as fast as 3-5 (benchmarks/README.md; the speed issue allows 1e-2).
+# network (1-5) runs from the raw pixels (`serving.precision_parts`), its first convolution
+# computed as in float32 (`openvino_graph`), 1.5-1.8 times as fast as 3-5. Where the stem still
+# makes the gap (0.0075 on a model trained on an AMD EPYC without AMX, before that convolution was
+# split), 2-5 can pass and runs 1.35 times as fast as 3-5 (benchmarks/README.md; the speed issue
+# allows 1e-2).
 SERVING_BFLOAT16_CANDIDATES = ((1, 2, 3, 4, 5), (2, 3, 4, 5), (3, 4, 5), (4, 5), (5,))
 SERVING_MAX_PROBABILITY_GAP = 5e-3
 PREDICT_CHUNK_SIZE = 64  # images per forward pass of the served model; bounds a request's memory

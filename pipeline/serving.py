@@ -234,7 +234,7 @@ class ServedNetwork:
         self.precisions = []  # "f32" or "bf16", part by part
         self.models = []  # the compiled parts, in order
         for part, precision in precision_parts(network, bfloat16_stages):
-            graph = openvino_graph.graph(part)
+            graph = openvino_graph.graph(part, bfloat16=precision == "bf16")
             if graph is None:
                 graph = converted(part)
             hints = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
@@ -266,9 +266,10 @@ def precision_parts(network: keras.Model, bfloat16_stages=()) -> list[tuple[kera
     """`network` as consecutive sub-models with the precision each computes in: the whole in "f32"
     without `bfloat16_stages`; else cut where those stages begin and end, the middle in "bf16".
     With the stem (stage 1) the "bf16" part starts at the network's input, not at its rescaling:
-    OpenVINO folds the rescaling into the first convolution, and the pixels, whole numbers 0..255,
-    are exact in bfloat16, where rescaled ones rounded to it moved a trained model's probabilities
-    by up to 0.012 (benchmarks/README.md). ValueError for stages with a gap between them."""
+    `openvino_graph` folds the rescaling into the first convolution and splits its kernel, and the
+    pixels, whole numbers 0..255, are exact in bfloat16, where rescaled ones rounded to it moved a
+    trained model's probabilities by up to 0.012 (benchmarks/README.md). ValueError for stages
+    with a gap between them."""
     stages = sorted(set(bfloat16_stages))
     if stages and stages != list(range(stages[0], stages[-1] + 1)):
         raise ValueError(f"bfloat16 stages must follow each other, like 3,4,5; got {stages}")

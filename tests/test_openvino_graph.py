@@ -6,13 +6,28 @@ import openvino
 import pytest
 from keras import layers
 
-from pipeline import config, openvino_graph, resnet, serving
+from pipeline import config, fitting, openvino_graph, resnet, serving
 from tests.conftest import tiny_classifier
 
 
-def run(graph: openvino.Model, pixels: np.ndarray) -> np.ndarray:
-    compiled = openvino.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+def run(graph: openvino.Model, pixels: np.ndarray, precision: str = "f32") -> np.ndarray:
+    compiled = openvino.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": precision})
     return np.asarray(compiled(pixels.astype(np.float32))[0])
+
+
+def convolutions(graph: openvino.Model) -> int:
+    return sum(op.get_type_name() == "Convolution" for op in graph.get_ops())
+
+
+def rescaled_then_convolved() -> keras.Model:
+    """Raw pixels rescaled, then padded and convolved (as a ResNet-50's stem), convolved again, and
+    added to themselves: the rescaling folded into both convolutions and applied for the sum."""
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((12, 10, 3))
+    rescaled = layers.Rescaling(1 / 255)(inputs)
+    stem = layers.Conv2D(3, 3)(layers.ZeroPadding2D(1)(rescaled))
+    other = layers.Conv2D(3, 2, padding="same")(rescaled)
+    return keras.Model(inputs, layers.Add()([stem, rescaled, other]))
 
 
 def every_written_layer() -> keras.Model:
@@ -41,6 +56,45 @@ def test_every_written_layer_computes_what_keras_does():
     assert expected.std() > 0.01  # answers that tell the orders of values apart
     np.testing.assert_allclose(run(graph, pixels), expected, atol=1e-6)
     np.testing.assert_allclose(run(graph, pixels[:1]), expected[:1], atol=1e-6)  # any batch size
+
+
+def rescaled_alone() -> keras.Model:
+    inputs = keras.Input((4, 4, 3))
+    return keras.Model(inputs, layers.Rescaling(0.5)(inputs))
+
+
+@pytest.mark.parametrize(
+    "build, split",
+    [(rescaled_then_convolved, 2), (every_written_layer, 0), (rescaled_alone, 0)],
+    ids=["folded", "with-offset", "rescaling-alone"],
+)
+def test_a_graph_for_bfloat16_computes_what_keras_does(build, split):
+    model = build()
+    pixels = np.random.default_rng(1).integers(0, 256, (3, *model.input_shape[1:])).astype(np.float32)
+    written = openvino_graph.graph(model, bfloat16=True)
+    expected = np.asarray(model(pixels))
+    np.testing.assert_allclose(run(written, pixels), expected, atol=1e-5 * np.abs(expected).max())
+    # Each convolution of the rescaled pixels is written as two (`split` more); no other one is.
+    assert convolutions(written) == convolutions(openvino_graph.graph(model)) + split
+
+
+@pytest.mark.skipif(not fitting.bf16_is_native(), reason="this processor computes no bfloat16")
+def test_in_bfloat16_a_split_first_convolution_computes_as_in_float32():
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((16, 16, 3))
+    padded = layers.ZeroPadding2D(3)(layers.Rescaling(1 / 255)(inputs))
+    model = keras.Model(inputs, layers.Conv2D(8, 7, strides=2)(padded))
+    kernel, bias = model.layers[-1].get_weights()
+    model.layers[-1].set_weights([kernel * 30, bias + 3])  # weights of a trained stem's size
+    pixels = np.random.default_rng(2).integers(0, 256, (8, 16, 16, 3)).astype(np.float32)
+    expected = np.asarray(model(pixels))
+
+    def largest_relative_error(bfloat16):
+        answers = run(openvino_graph.graph(model, bfloat16=bfloat16), pixels, precision="bf16")
+        return np.abs(answers - expected).max() / np.abs(expected).max()
+
+    assert largest_relative_error(bfloat16=False) > 1e-3  # the kernel rounded to bfloat16
+    assert largest_relative_error(bfloat16=True) < 1e-4
 
 
 @pytest.mark.slow
